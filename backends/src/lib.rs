@@ -1,0 +1,1 @@
+//! rideshare: the demo app behind tether (grows in the rideshare issue).

@@ -1,0 +1,448 @@
+//! Affinity keys: where they come from, how they are hashed, where pins are kept.
+//!
+//! - this file: extracting a key from a request (sources tried in configured order) and hashing
+//!   it with a keyed hash, so raw session ids never reach Redis or a log line;
+//! - [`cookie`]: cookie parsing and tether's own signed cookie;
+//! - [`cache`]: the per-instance pin cache;
+//! - [`redis`]: the shared pin map in Redis, its refresher, invalidation and outage handling.
+//!
+//! Choosing a backend is not here (see [`crate::selection`], orchestrated by [`crate::routing`]).
+
+pub mod cache;
+pub mod cookie;
+pub mod redis;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+use crate::config::{AffinitySettings, KeySource};
+use cookie::InsertCookies;
+
+/// The keyed hash of an affinity key: what Redis, the cache and the logs see.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub u128);
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({self})")
+    }
+}
+
+impl KeyHash {
+    /// Parse the 32 hex digits of [`Display`](fmt::Display).
+    pub fn parse(hex: &str) -> Option<KeyHash> {
+        (hex.len() == 32)
+            .then(|| u128::from_str_radix(hex, 16).ok())
+            .flatten()
+            .map(KeyHash)
+    }
+}
+
+/// BLAKE3 in keyed mode: a PRF, so hashes reveal nothing about session ids and cannot be
+/// precomputed without the key; the same key gives every instance the same hashes.
+#[derive(Clone)]
+pub struct KeyHasher {
+    key: [u8; 32],
+}
+
+impl KeyHasher {
+    /// Derive the 32-byte hash key from the configured secret.
+    pub fn new(secret: &[u8]) -> KeyHasher {
+        KeyHasher {
+            key: blake3::derive_key("tether 2026 affinity key hash v1", secret),
+        }
+    }
+
+    /// A key drawn at random (the in-process map, which no other instance reads).
+    pub fn random() -> KeyHasher {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS random source is available");
+        KeyHasher { key }
+    }
+
+    /// Hash `value` as found by the source tagged `tag`. The tag keeps sources apart: the same
+    /// string in a cookie and in a header are different keys.
+    pub fn hash(&self, tag: &[u8], value: &[u8]) -> KeyHash {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(&(tag.len() as u32).to_le_bytes());
+        h.update(tag);
+        h.update(value);
+        let out = h.finalize();
+        let bytes: [u8; 16] = out.as_bytes()[..16].try_into().expect("16 of 32 bytes");
+        KeyHash(u128::from_le_bytes(bytes))
+    }
+}
+
+/// A key found in (or minted for) a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    pub hash: KeyHash,
+    /// Index of the source in the configured `sources`.
+    pub source: usize,
+    pub insert: Option<InsertKey>,
+}
+
+/// Insert-mode state of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertKey {
+    /// A valid signed cookie came with the request; the backend it names is a hint.
+    Presented { raw: String, hint: String },
+    /// No key was present: tether minted this one and must set the cookie.
+    Minted { raw: String },
+}
+
+impl InsertKey {
+    pub fn raw(&self) -> &str {
+        match self {
+            InsertKey::Presented { raw, .. } | InsertKey::Minted { raw } => raw,
+        }
+    }
+}
+
+/// Why a present key was ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    TooLong,
+    BadSignature,
+}
+
+impl Invalid {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Invalid::TooLong => "too_long",
+            Invalid::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// The outcome of extraction: a key (or none) and the first invalid key seen on the way.
+#[derive(Debug, Default)]
+pub struct Extracted {
+    pub key: Option<SessionKey>,
+    pub invalid: Option<Invalid>,
+}
+
+/// Finds a request's affinity key.
+pub struct Extractor {
+    sources: Vec<KeySource>,
+    /// Hash tag per source: `c:<name>`, `i`, `h:<name>`, `q:<name>`, `ip`.
+    tags: Vec<Vec<u8>>,
+    max_key_bytes: usize,
+    hasher: KeyHasher,
+    insert: Option<InsertCookies>,
+}
+
+impl Extractor {
+    pub fn new(s: &AffinitySettings, hasher: KeyHasher) -> Extractor {
+        let tags = s
+            .sources
+            .iter()
+            .map(|src| match src {
+                KeySource::Cookie(n) => format!("c:{n}").into_bytes(),
+                KeySource::Insert => b"i".to_vec(),
+                KeySource::Header(n) => format!("h:{n}").into_bytes(),
+                KeySource::Query(n) => format!("q:{n}").into_bytes(),
+                KeySource::Ip => b"ip".to_vec(),
+            })
+            .collect();
+        Extractor {
+            sources: s.sources.clone(),
+            tags,
+            max_key_bytes: s.max_key_bytes,
+            hasher,
+            insert: s.insert.as_ref().map(InsertCookies::new),
+        }
+    }
+
+    pub fn sources(&self) -> &[KeySource] {
+        &self.sources
+    }
+
+    pub fn max_key_bytes(&self) -> usize {
+        self.max_key_bytes
+    }
+
+    pub fn insert_cookies(&self) -> Option<&InsertCookies> {
+        self.insert.as_ref()
+    }
+
+    /// Hash a value as source `index` would.
+    pub fn hash_for(&self, index: usize, value: &[u8]) -> KeyHash {
+        self.hasher.hash(&self.tags[index], value)
+    }
+
+    /// The key of a request: the first configured source that is present and valid wins; with
+    /// `insert` configured and nothing present, a new key is minted.
+    pub fn extract(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Extracted {
+        let mut out = Extracted::default();
+        for (i, src) in self.sources.iter().enumerate() {
+            let found: Option<Cow<[u8]>> = match src {
+                KeySource::Cookie(name) => {
+                    cookie::find_cookie(cookie_headers(headers), name.as_bytes()).map(Cow::Borrowed)
+                }
+                KeySource::Header(name) => headers
+                    .get(name)
+                    .map(|v| v.as_bytes())
+                    .filter(|v| !v.is_empty())
+                    .map(Cow::Borrowed),
+                KeySource::Query(name) => query.and_then(|q| query_param(q, name)),
+                KeySource::Ip => peer.map(|ip| match ip {
+                    IpAddr::V4(v4) => Cow::Owned(v4.octets().to_vec()),
+                    IpAddr::V6(v6) => Cow::Owned(v6.octets().to_vec()),
+                }),
+                KeySource::Insert => {
+                    let Some(ins) = &self.insert else { continue };
+                    let Some(value) =
+                        cookie::find_cookie(cookie_headers(headers), ins.name.as_bytes())
+                    else {
+                        continue;
+                    };
+                    match ins.verify(value) {
+                        Some(c) => {
+                            let raw =
+                                std::str::from_utf8(c.key).expect("verified keys are base64url");
+                            out.key = Some(SessionKey {
+                                hash: self.hasher.hash(&self.tags[i], c.key),
+                                source: i,
+                                insert: Some(InsertKey::Presented {
+                                    raw: raw.to_string(),
+                                    hint: c.backend_hint.to_string(),
+                                }),
+                            });
+                            return out;
+                        }
+                        None => {
+                            out.invalid.get_or_insert(Invalid::BadSignature);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(value) = found else { continue };
+            if value.len() > self.max_key_bytes {
+                out.invalid.get_or_insert(Invalid::TooLong);
+                continue;
+            }
+            out.key = Some(SessionKey {
+                hash: self.hasher.hash(&self.tags[i], &value),
+                source: i,
+                insert: None,
+            });
+            return out;
+        }
+        if let Some(i) = self.sources.iter().position(|s| *s == KeySource::Insert) {
+            let raw = InsertCookies::mint();
+            out.key = Some(SessionKey {
+                hash: self.hasher.hash(&self.tags[i], raw.as_bytes()),
+                source: i,
+                insert: Some(InsertKey::Minted { raw }),
+            });
+        }
+        out
+    }
+}
+
+fn cookie_headers(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+}
+
+/// The first non-empty value of query parameter `name`, percent-decoded (`+` stays `+`: keys are
+/// compared, not displayed, and Engine.IO ids never contain it).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name && !v.is_empty() {
+            return Some(percent_decode(v.as_bytes()));
+        }
+    }
+    None
+}
+
+fn percent_decode(v: &[u8]) -> Cow<'_, [u8]> {
+    if !v.contains(&b'%') {
+        return Cow::Borrowed(v);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b'%'
+            && i + 2 < v.len()
+            && let (Some(h), Some(l)) = (hex(v[i + 1]), hex(v[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InsertSettings, Policy, SameSite, Secret};
+    use http::HeaderValue;
+    use std::time::Duration;
+
+    fn settings(sources: Vec<KeySource>) -> AffinitySettings {
+        let insert = sources
+            .contains(&KeySource::Insert)
+            .then(|| InsertSettings {
+                cookie: "tether".into(),
+                secrets: vec![Secret::new(b"0123456789abcdef-secret".to_vec())],
+                secure: false,
+                same_site: SameSite::Lax,
+                http_only: true,
+                max_age: None,
+            });
+        AffinitySettings {
+            sources,
+            policy: Policy::RoundRobin,
+            ttl: Duration::from_secs(60),
+            hash_key: None,
+            max_key_bytes: 64,
+            cache_entries: 100,
+            insert,
+        }
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn extractor(sources: Vec<KeySource>) -> Extractor {
+        Extractor::new(&settings(sources), KeyHasher::new(b"0123456789abcdef"))
+    }
+
+    #[test]
+    fn first_present_source_wins() {
+        let e = extractor(vec![
+            KeySource::Cookie("sid".into()),
+            KeySource::Header(http::HeaderName::from_static("x-session")),
+            KeySource::Query("sid".into()),
+            KeySource::Ip,
+        ]);
+        let ip = Some("10.0.0.1".parse().unwrap());
+        let h = headers(&[("x-session", b"h1"), ("cookie", b"a=b; sid=c1")]);
+        assert_eq!(e.extract(&h, Some("sid=q1"), ip).key.unwrap().source, 0);
+        let h = headers(&[("x-session", b"h1")]);
+        assert_eq!(e.extract(&h, Some("sid=q1"), ip).key.unwrap().source, 1);
+        assert_eq!(
+            e.extract(&HeaderMap::new(), Some("EIO=4&sid=q1"), ip)
+                .key
+                .unwrap()
+                .source,
+            2
+        );
+        assert_eq!(
+            e.extract(&HeaderMap::new(), Some("sid="), ip)
+                .key
+                .unwrap()
+                .source,
+            3
+        );
+        assert!(e.extract(&HeaderMap::new(), None, None).key.is_none());
+    }
+
+    #[test]
+    fn hashes_are_keyed_and_separate_sources() {
+        let a = KeyHasher::new(b"0123456789abcdef");
+        let b = KeyHasher::new(b"0123456789abcdeX");
+        assert_eq!(a.hash(b"c:sid", b"v"), a.hash(b"c:sid", b"v"));
+        assert_ne!(a.hash(b"c:sid", b"v"), b.hash(b"c:sid", b"v"));
+        assert_ne!(a.hash(b"c:sid", b"v"), a.hash(b"h:sid", b"v"));
+        // Length-prefixed tag: moving bytes between tag and value changes the hash.
+        assert_ne!(a.hash(b"c:si", b"dv"), a.hash(b"c:sid", b"v"));
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        // Redis keys derive from this: a change would orphan every pin. Pin the function.
+        let h = KeyHasher::new(b"0123456789abcdef").hash(b"c:connect.sid", b"s:abc");
+        assert_eq!(h.to_string().len(), 32);
+        assert_eq!(KeyHash::parse(&h.to_string()), Some(h));
+        let again = KeyHasher::new(b"0123456789abcdef").hash(b"c:connect.sid", b"s:abc");
+        assert_eq!(h, again);
+    }
+
+    #[test]
+    fn oversized_keys_are_absent() {
+        let e = extractor(vec![KeySource::Cookie("sid".into()), KeySource::Ip]);
+        let long = vec![b'x'; 65];
+        let mut cookie = b"sid=".to_vec();
+        cookie.extend_from_slice(&long);
+        let out = e.extract(
+            &headers(&[("cookie", &cookie)]),
+            None,
+            Some("::1".parse().unwrap()),
+        );
+        assert_eq!(out.invalid, Some(Invalid::TooLong));
+        assert_eq!(out.key.unwrap().source, 1);
+    }
+
+    #[test]
+    fn insert_mints_verifies_and_rejects_forgeries() {
+        let e = extractor(vec![KeySource::Cookie("sid".into()), KeySource::Insert]);
+        let minted = e.extract(&HeaderMap::new(), None, None).key.unwrap();
+        let Some(InsertKey::Minted { raw }) = &minted.insert else {
+            panic!("expected a minted key")
+        };
+        let set_cookie = e.insert_cookies().unwrap().set_cookie(raw.as_bytes(), "b1");
+        let value = set_cookie.split(';').next().unwrap().to_string();
+        let back = e.extract(&headers(&[("cookie", value.as_bytes())]), None, None);
+        let key = back.key.unwrap();
+        assert_eq!(key.hash, minted.hash);
+        assert_eq!(
+            key.insert,
+            Some(InsertKey::Presented {
+                raw: raw.clone(),
+                hint: "b1".into()
+            })
+        );
+        let forged = value.replace(".b1.", ".b2.");
+        let out = e.extract(&headers(&[("cookie", forged.as_bytes())]), None, None);
+        assert_eq!(out.invalid, Some(Invalid::BadSignature));
+        assert!(matches!(
+            out.key.unwrap().insert,
+            Some(InsertKey::Minted { .. })
+        ));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            query_param("a=1&sid=ab%2Dc", "sid").unwrap().as_ref(),
+            b"ab-c"
+        );
+        assert_eq!(query_param("sid=%zz%", "sid").unwrap().as_ref(), b"%zz%");
+        assert_eq!(query_param("sid=%41", "sid").unwrap().as_ref(), b"A");
+        assert!(query_param("sidx=1&sid", "sid").is_none());
+    }
+}

@@ -1,0 +1,487 @@
+//! The shared pin map in Redis, and what keeps this instance in step with it.
+//!
+//! Layout (prefix `tether:` by default):
+//! - `<prefix>pin:<32 hex>` = `v1:<backend id>`, expiring after the affinity TTL; the hex is the
+//!   keyed hash of the session key, never the key itself;
+//! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment, applied by every
+//!   instance to its cache.
+//!
+//! One multiplexed RESP3 connection (redis-rs `ConnectionManager`) carries commands and the
+//! subscription; it reconnects and resubscribes by itself after a Redis restart.
+//!
+//! Outages: any error or timeout marks Redis down. While down, the request path never waits on
+//! Redis (the router uses its cache, then the rendezvous hash) and a prober pings until Redis
+//! answers. Sliding-TTL refreshes go through a bounded queue to a background task; when the queue
+//! is full a refresh is dropped and retried on a later request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushKind, Value};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info, warn};
+
+use super::KeyHash;
+use super::cache::PinCache;
+use crate::backend::{BackendKey, Interner, now_ms};
+use crate::config::{RedisSettings, redact_url};
+use crate::metrics::Metrics;
+
+/// Version prefix of a pin's value. A new format gets a new prefix; readers of the old one treat
+/// an unknown prefix as a pin to an unknown backend.
+pub const PIN_VERSION: &str = "v1:";
+
+/// The value stored for a pin to backend `id`.
+pub fn encode_pin(id: &str) -> String {
+    format!("{PIN_VERSION}{id}")
+}
+
+/// The backend id of a stored value, `None` if the format is not one this build reads.
+pub fn decode_pin(value: &str) -> Option<&str> {
+    value.strip_prefix(PIN_VERSION).filter(|id| !id.is_empty())
+}
+
+/// Errors talking to Redis. Never shown to clients: the router fails open on every one.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// Redis is marked down; the command was not sent.
+    #[error("redis is unavailable (failing open until it answers)")]
+    Unavailable,
+    #[error("redis command timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+    #[error("redis returned an unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// Result of a first assignment.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Assigned {
+    /// Our candidate is now the pin.
+    Won,
+    /// Another writer got there first; this is its value (raw, see [`decode_pin`]).
+    Existing(String),
+}
+
+/// Compare-and-set: replace the pin only if it still holds `expected` (or nothing), publish the
+/// change, and return the pin as it now is.
+const CAS_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
+  return ARGV[2]
+end
+return cur
+"#;
+
+/// A sliding-TTL refresh of one cached pin.
+#[derive(Debug)]
+pub struct Refresh {
+    pub key: KeyHash,
+    pub backend: BackendKey,
+}
+
+pub struct RedisMap {
+    conn: ConnectionManager,
+    prefix: String,
+    channel: String,
+    ttl_ms: u64,
+    timeout: Duration,
+    up: AtomicBool,
+    wake_prober: Notify,
+    refresh_tx: mpsc::Sender<Refresh>,
+    cas: redis::Script,
+    cache: Arc<PinCache>,
+    interner: Arc<Interner>,
+}
+
+/// Queue length of pending refreshes; beyond it refreshes are dropped and retried later.
+const REFRESH_QUEUE: usize = 16_384;
+/// Refreshes sent to Redis in one pipeline.
+const REFRESH_BATCH: usize = 256;
+
+impl RedisMap {
+    /// Connect (waiting at most `timeout` x a few for a first answer), subscribe, and start the
+    /// refresher and prober on the current Tokio runtime. Redis being down is not an error: tether
+    /// starts failing open and the prober connects when Redis answers.
+    pub async fn start(
+        settings: &RedisSettings,
+        ttl: Duration,
+        cache: Arc<PinCache>,
+        interner: Arc<Interner>,
+    ) -> Result<Arc<RedisMap>, RedisError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3))?;
+
+        let channel = format!("{}pins", settings.key_prefix);
+        // The push callback runs on the connection's task: keep it short (a cache update).
+        let push_cache = cache.clone();
+        let push_interner = interner.clone();
+        let push_channel = channel.clone();
+        let on_push = move |push: redis::PushInfo| -> Result<(), redis::aio::SendError> {
+            apply_push(&push, &push_channel, &push_cache, &push_interner);
+            Ok(())
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_pipeline_buffer_size(1024)
+            .set_push_sender(on_push)
+            .set_automatic_resubscription();
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+
+        let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
+        let map = Arc::new(RedisMap {
+            conn,
+            prefix: format!("{}pin:", settings.key_prefix),
+            channel,
+            ttl_ms: ttl.as_millis() as u64,
+            timeout: settings.timeout,
+            up: AtomicBool::new(false),
+            wake_prober: Notify::new(),
+            refresh_tx,
+            cas: redis::Script::new(CAS_SCRIPT),
+            cache,
+            interner,
+        });
+        Metrics::get().redis_up.set(0);
+        match map.connect().await {
+            Ok(()) => info!(url = %redact_url(&settings.url), "connected to redis"),
+            Err(e) => {
+                warn!(url = %redact_url(&settings.url), error = %e, "redis unreachable at start-up: failing open until it answers");
+                map.wake_prober.notify_one();
+            }
+        }
+        tokio::spawn(map.clone().prober());
+        tokio::spawn(map.clone().refresher(refresh_rx));
+        Ok(map)
+    }
+
+    /// Ping and subscribe; mark up on success.
+    async fn connect(&self) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        let timeout = self.timeout.max(Duration::from_millis(500));
+        let pong: String = within(timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        if pong != "PONG" {
+            return Err(RedisError::Reply(pong));
+        }
+        within(timeout, conn.subscribe(&self.channel)).await?;
+        self.up.store(true, Ordering::Release);
+        Metrics::get().redis_up.set(1);
+        Ok(())
+    }
+
+    /// Whether the request path should talk to Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn mark_down(&self, error: &RedisError) {
+        Metrics::get().redis_errors.inc();
+        if self.up.swap(false, Ordering::AcqRel) {
+            warn!(%error, "redis unavailable: failing open (local cache, then rendezvous hash)");
+            Metrics::get().redis_up.set(0);
+            self.wake_prober.notify_one();
+        }
+    }
+
+    /// The Redis key of a pin.
+    pub fn redis_key(&self, key: KeyHash) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Run one request-path command: skipped while down, bounded by the timeout, timed, and
+    /// marking Redis down on failure.
+    async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let result = within(self.timeout, cmd.query_async(&mut conn)).await;
+        Metrics::get()
+            .redis_duration
+            .observe(start.elapsed().as_secs_f64());
+        result.inspect_err(|e| self.mark_down(e))
+    }
+
+    /// First assignment: `SET key v1:<id> NX PX ttl GET`. One round trip; if another instance
+    /// won the race, its value comes back and the caller adopts it.
+    pub async fn assign(&self, key: KeyHash, id: &str) -> Result<Assigned, RedisError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key(key))
+            .arg(encode_pin(id))
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .arg("GET");
+        let old: Option<String> = self.call(&cmd).await?;
+        Ok(match old {
+            None => Assigned::Won,
+            Some(v) => Assigned::Existing(v),
+        })
+    }
+
+    /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
+    /// backend that issued a session id is its authority.
+    pub async fn learn(&self, key: KeyHash, id: &str) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key(key))
+            .arg(encode_pin(id))
+            .arg("PX")
+            .arg(self.ttl_ms);
+        let _: Value = self.call(&cmd).await?;
+        Ok(())
+    }
+
+    /// Move a pin from `expected` (a raw stored value, `None` if it was missing) to `id`, unless
+    /// another instance moved it first; returns the raw value that now holds. Publishes the move.
+    pub async fn compare_and_set(
+        &self,
+        key: KeyHash,
+        expected: Option<&str>,
+        id: &str,
+    ) -> Result<String, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let mut conn = self.conn.clone();
+        let mut inv = self.cas.key(self.redis_key(key));
+        inv.arg(expected.unwrap_or(""))
+            .arg(encode_pin(id))
+            .arg(self.ttl_ms)
+            .arg(&self.channel)
+            .arg(key.to_string());
+        let start = Instant::now();
+        let result = within(self.timeout, inv.invoke_async(&mut conn)).await;
+        Metrics::get()
+            .redis_duration
+            .observe(start.elapsed().as_secs_f64());
+        result.inspect_err(|e| self.mark_down(e))
+    }
+
+    /// Queue a sliding-TTL refresh. Never waits: a full queue drops it (the pin is marked
+    /// unsynced and a later request retries).
+    pub fn refresh(&self, key: KeyHash, backend: BackendKey) {
+        if self.refresh_tx.try_send(Refresh { key, backend }).is_err() {
+            Metrics::get()
+                .refreshes
+                .with_label_values(&["dropped"])
+                .inc();
+            self.cache.mark_unsynced(key, backend, now_ms());
+        }
+    }
+
+    /// Background task: send queued refreshes in pipelined batches. Each is
+    /// `SET key v NX PX ttl GET` (restores a pin Redis lost, e.g. after a restart, or returns the
+    /// current one) followed by `PEXPIRE key ttl`; the cache then takes what Redis holds.
+    async fn refresher(self: Arc<Self>, mut rx: mpsc::Receiver<Refresh>) {
+        let mut batch = Vec::with_capacity(REFRESH_BATCH);
+        while rx.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
+            let jobs: Vec<(Refresh, Arc<str>)> = batch
+                .drain(..)
+                .map(|r| {
+                    let id = self.interner.name(r.backend);
+                    (r, id)
+                })
+                .collect();
+            let now = now_ms();
+            if !self.is_up() {
+                for (r, _) in &jobs {
+                    self.cache.mark_unsynced(r.key, r.backend, now);
+                }
+                Metrics::get()
+                    .refreshes
+                    .with_label_values(&["failed"])
+                    .inc_by(jobs.len() as u64);
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for (r, id) in &jobs {
+                let k = self.redis_key(r.key);
+                pipe.cmd("SET")
+                    .arg(&k)
+                    .arg(encode_pin(id))
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.ttl_ms)
+                    .arg("GET");
+                pipe.cmd("PEXPIRE").arg(&k).arg(self.ttl_ms).ignore();
+            }
+            let mut conn = self.conn.clone();
+            let timeout = self.timeout * 4;
+            let result: Result<Vec<Option<String>>, RedisError> =
+                within(timeout, pipe.query_async(&mut conn)).await;
+            match result {
+                Ok(values) => {
+                    let m = &Metrics::get().refreshes;
+                    for ((r, id), value) in jobs.iter().zip(values) {
+                        let outcome = self.apply_refresh(r, id, value.as_deref(), now);
+                        m.with_label_values(&[outcome]).inc();
+                    }
+                }
+                Err(e) => {
+                    for (r, _) in &jobs {
+                        self.cache.mark_unsynced(r.key, r.backend, now);
+                    }
+                    Metrics::get()
+                        .refreshes
+                        .with_label_values(&["failed"])
+                        .inc_by(jobs.len() as u64);
+                    self.mark_down(&e);
+                }
+            }
+        }
+    }
+
+    /// Bring the cache in line with one refresh reply; returns the outcome label.
+    fn apply_refresh(&self, r: &Refresh, id: &str, stored: Option<&str>, now: u64) -> &'static str {
+        match stored {
+            // NX set it: Redis had lost the pin (restart, eviction) and has it again.
+            None => {
+                self.cache.update_if_cached(r.key, r.backend, now);
+                "restored"
+            }
+            Some(v) if decode_pin(v) == Some(id) => {
+                self.cache.update_if_cached(r.key, r.backend, now);
+                "ok"
+            }
+            // Another instance moved it: follow Redis, or forget the pin if it names a backend
+            // this instance does not know (the next request reassigns with compare-and-set).
+            Some(v) => {
+                match decode_pin(v).and_then(|id| self.interner.lookup(id)) {
+                    Some(k) => {
+                        self.cache.update_if_cached(r.key, k, now);
+                    }
+                    None => self.cache.remove(r.key),
+                }
+                "changed"
+            }
+        }
+    }
+
+    /// Background task: while Redis is down, ping it with backoff; resubscribe when it answers.
+    async fn prober(self: Arc<Self>) {
+        loop {
+            self.wake_prober.notified().await;
+            let mut delay = Duration::from_millis(100);
+            while !self.is_up() {
+                tokio::time::sleep(delay).await;
+                match self.connect().await {
+                    Ok(()) => info!("redis answers again: pins are written and refreshed again"),
+                    Err(e) => debug!(error = %e, "redis still unavailable"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Apply one push message: a reassignment published by some instance, or a disconnection.
+fn apply_push(push: &redis::PushInfo, channel: &str, cache: &PinCache, interner: &Interner) {
+    match push.kind {
+        PushKind::Message => {
+            let [Value::BulkString(ch), Value::BulkString(payload)] = push.data.as_slice() else {
+                return;
+            };
+            if ch.as_slice() != channel.as_bytes() {
+                return;
+            }
+            let Some((hex, id)) = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|p| p.split_once(' '))
+            else {
+                return;
+            };
+            let Some(key) = KeyHash::parse(hex) else {
+                return;
+            };
+            let now = now_ms();
+            match interner.lookup(id) {
+                Some(backend) => {
+                    if cache.update_if_cached(key, backend, now) {
+                        Metrics::get().invalidations.inc();
+                    }
+                }
+                None => cache.remove(key),
+            }
+        }
+        // The connection dropped: the manager reconnects and resubscribes by itself; messages
+        // published meanwhile are lost, which compare-and-set and refreshes repair.
+        PushKind::Disconnection => debug!("redis connection dropped; reconnecting"),
+        _ => {}
+    }
+}
+
+async fn within<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r.map_err(RedisError::Command),
+        Err(_) => Err(RedisError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_format_is_v1() {
+        // Persisted state shared by every instance and version: this format must not change
+        // without a new prefix.
+        assert_eq!(encode_pin("app1"), "v1:app1");
+        assert_eq!(decode_pin("v1:app1"), Some("app1"));
+        assert_eq!(decode_pin("v1:"), None);
+        assert_eq!(decode_pin("v2:app1"), None);
+        assert_eq!(decode_pin("app1"), None);
+    }
+
+    #[test]
+    fn push_messages_update_only_cached_keys() {
+        let cache = PinCache::new(10, 60_000);
+        let interner = Interner::default();
+        let a = interner.intern("a");
+        let b = interner.intern("b");
+        let cached = KeyHash(1);
+        let other = KeyHash(2);
+        let now = now_ms();
+        cache.put(cached, a, now, true);
+        let msg = |k: KeyHash, id: &str| redis::PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(b"tether:pins".to_vec()),
+                Value::BulkString(format!("{k} {id}").into_bytes()),
+            ],
+        };
+        apply_push(&msg(cached, "b"), "tether:pins", &cache, &interner);
+        apply_push(&msg(other, "b"), "tether:pins", &cache, &interner);
+        assert_eq!(cache.get(cached, now).unwrap().backend, b);
+        assert!(cache.get(other, now).is_none());
+        // Another channel, garbage, and unknown backends.
+        apply_push(&msg(cached, "a"), "other", &cache, &interner);
+        assert_eq!(cache.get(cached, now).unwrap().backend, b);
+        let junk = redis::PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(b"tether:pins".to_vec()),
+                Value::BulkString(b"\xff zz".to_vec()),
+            ],
+        };
+        apply_push(&junk, "tether:pins", &cache, &interner);
+        apply_push(&msg(cached, "gone"), "tether:pins", &cache, &interner);
+        assert!(cache.get(cached, now).is_none());
+    }
+}

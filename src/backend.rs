@@ -1,0 +1,309 @@
+//! The configured backends and their live state: requests in flight and passive ejection.
+//!
+//! A backend is named by its configured `id` everywhere that outlives one process (Redis values,
+//! insert cookies), and by a [`BackendKey`] inside the process: a small integer interned from the
+//! id, so a cache entry is a few bytes and a lookup is an index. This module does not choose
+//! backends (see [`crate::selection`]) nor check their health actively.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use pingora::upstreams::peer::HttpPeer;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::config::{BackendSettings, UpstreamSettings};
+use crate::metrics::{Metrics, STATUS_CLASSES};
+
+/// Milliseconds since this process started: a cheap monotonic clock for ejection and cache ages.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A backend id interned for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendKey(pub u32);
+
+/// Maps backend ids to [`BackendKey`]s and back. Ids are never forgotten: there are only as many
+/// as the configurations of this process ever named, plus unknown ids read from Redis are never
+/// interned (see [`Interner::lookup`]).
+#[derive(Default)]
+pub struct Interner {
+    inner: RwLock<InternerInner>,
+}
+
+#[derive(Default)]
+struct InternerInner {
+    by_name: HashMap<Arc<str>, BackendKey>,
+    names: Vec<Arc<str>>,
+}
+
+impl Interner {
+    /// The key for `id`, interning it if new. Only for configured ids.
+    pub fn intern(&self, id: &str) -> BackendKey {
+        if let Some(k) = self.lookup(id) {
+            return k;
+        }
+        let mut inner = self.inner.write().expect("interner lock is never poisoned");
+        if let Some(k) = inner.by_name.get(id) {
+            return *k;
+        }
+        let key = BackendKey(inner.names.len() as u32);
+        let name: Arc<str> = Arc::from(id);
+        inner.names.push(name.clone());
+        inner.by_name.insert(name, key);
+        key
+    }
+
+    /// The key for `id` if some configuration named it; never interns (ids read from Redis may
+    /// be anything).
+    pub fn lookup(&self, id: &str) -> Option<BackendKey> {
+        let inner = self.inner.read().expect("interner lock is never poisoned");
+        inner.by_name.get(id).copied()
+    }
+
+    /// The id of `key`.
+    pub fn name(&self, key: BackendKey) -> Arc<str> {
+        let inner = self.inner.read().expect("interner lock is never poisoned");
+        inner.names[key.0 as usize].clone()
+    }
+}
+
+/// One backend and its live state.
+pub struct Backend {
+    pub id: Arc<str>,
+    pub key: BackendKey,
+    pub address_text: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// A stable hash of the id, the backend's share in rendezvous hashing.
+    pub id_hash: u64,
+    /// The peer every request to this backend starts from (timeouts filled in).
+    peer: HttpPeer,
+    active: AtomicUsize,
+    /// [`now_ms`] until which the backend is ejected; 0 = never ejected.
+    ejected_until_ms: AtomicU64,
+    pub stats: BackendStats,
+}
+
+/// Per-backend metric handles, resolved once so the request path never looks labels up.
+pub struct BackendStats {
+    pub requests: [IntCounter; 5],
+    pub active: IntGauge,
+    pub connect_failures: IntCounter,
+    pub duration: prometheus::Histogram,
+}
+
+impl Backend {
+    fn new(s: &BackendSettings, key: BackendKey, upstream: &UpstreamSettings) -> Backend {
+        let m = Metrics::get();
+        let id: Arc<str> = Arc::from(s.id.as_str());
+        let mut peer = HttpPeer::new(s.address, false, String::new());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.read_timeout = Some(upstream.read_timeout);
+        peer.options.write_timeout = Some(upstream.write_timeout);
+        peer.options.idle_timeout = Some(upstream.idle_timeout);
+        Backend {
+            id_hash: stable_hash(s.id.as_bytes()),
+            key,
+            address_text: s.address_text.clone(),
+            addr: s.address,
+            weight: s.weight,
+            peer,
+            active: AtomicUsize::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            stats: BackendStats {
+                requests: STATUS_CLASSES.map(|c| m.requests.with_label_values(&[&*id, c])),
+                active: m.active_requests.with_label_values(&[&*id]),
+                connect_failures: m.connect_failures.with_label_values(&[&*id]),
+                duration: m.request_duration.with_label_values(&[&*id]),
+            },
+            id,
+        }
+    }
+
+    /// A fresh peer for one request.
+    pub fn peer(&self) -> Box<HttpPeer> {
+        Box::new(self.peer.clone())
+    }
+
+    /// Requests in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Count a request in flight until the guard drops.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.inc();
+        ActiveGuard(self.clone())
+    }
+
+    /// Keep the backend out of rotation until `now + for_`.
+    pub fn eject(&self, now: u64, for_: Duration) {
+        self.ejected_until_ms
+            .fetch_max(now + for_.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the backend takes requests at `now` (not ejected).
+    pub fn is_up(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) <= now
+    }
+}
+
+/// Decrements a backend's in-flight count when dropped.
+pub struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.active.dec();
+    }
+}
+
+/// The configured backends, plus the rotation state of the policies that need one.
+pub struct BackendSet {
+    list: Vec<Arc<Backend>>,
+    /// `slots[key]` is the position in `list` of the backend interned as `key`.
+    slots: Vec<Option<usize>>,
+    /// Round-robin position (round_robin, tie-breaks of least_connections).
+    pub(crate) rotation: AtomicUsize,
+    /// Smooth weighted round-robin current weights, one per backend in `list` order.
+    pub(crate) swrr: Mutex<Vec<i64>>,
+}
+
+impl BackendSet {
+    pub fn new(
+        settings: &[BackendSettings],
+        upstream: &UpstreamSettings,
+        interner: &Interner,
+    ) -> BackendSet {
+        let list: Vec<Arc<Backend>> = settings
+            .iter()
+            .map(|s| Arc::new(Backend::new(s, interner.intern(&s.id), upstream)))
+            .collect();
+        let mut slots = Vec::new();
+        for (i, b) in list.iter().enumerate() {
+            let k = b.key.0 as usize;
+            if slots.len() <= k {
+                slots.resize(k + 1, None);
+            }
+            slots[k] = Some(i);
+        }
+        BackendSet {
+            swrr: Mutex::new(vec![0; list.len()]),
+            rotation: AtomicUsize::new(0),
+            slots,
+            list,
+        }
+    }
+
+    pub fn all(&self) -> &[Arc<Backend>] {
+        &self.list
+    }
+
+    /// The configured backend interned as `key`, if it is in this set.
+    pub fn get(&self, key: BackendKey) -> Option<&Arc<Backend>> {
+        let i = (*self.slots.get(key.0 as usize)?)?;
+        Some(&self.list[i])
+    }
+}
+
+/// FNV-1a folded through a finalizer: stable across processes and builds, unlike `DefaultHasher`.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+/// SplitMix64's finalizer: spreads every input bit over the output.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(ids: &[&str]) -> Vec<BackendSettings> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| BackendSettings {
+                id: id.to_string(),
+                address_text: format!("127.0.0.1:{}", 3000 + i),
+                address: format!("127.0.0.1:{}", 3000 + i).parse().unwrap(),
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn upstream() -> UpstreamSettings {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            connect_retries: 2,
+            passive_eject: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn interned_keys_survive_a_new_set() {
+        let interner = Interner::default();
+        let a = BackendSet::new(&settings(&["a", "b"]), &upstream(), &interner);
+        let b = BackendSet::new(&settings(&["c", "b"]), &upstream(), &interner);
+        let kb = interner.lookup("b").unwrap();
+        assert_eq!(&*a.get(kb).unwrap().id, "b");
+        assert_eq!(&*b.get(kb).unwrap().id, "b");
+        assert!(b.get(interner.lookup("a").unwrap()).is_none());
+        assert!(interner.lookup("zzz").is_none());
+        assert_eq!(&*interner.name(kb), "b");
+    }
+
+    #[test]
+    fn ejection_expires() {
+        let interner = Interner::default();
+        let set = BackendSet::new(&settings(&["a"]), &upstream(), &interner);
+        let b = &set.all()[0];
+        assert!(b.is_up(100));
+        b.eject(100, Duration::from_millis(50));
+        assert!(!b.is_up(120));
+        assert!(b.is_up(150));
+    }
+
+    #[test]
+    fn active_guard_counts() {
+        let interner = Interner::default();
+        let set = BackendSet::new(&settings(&["a"]), &upstream(), &interner);
+        let b = set.all()[0].clone();
+        let g1 = b.track();
+        let g2 = b.track();
+        assert_eq!(b.active(), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(b.active(), 0);
+    }
+
+    #[test]
+    fn stable_hash_is_stable() {
+        // Rendezvous fallback must agree across instances and versions: pin the function.
+        assert_eq!(stable_hash(b"app1"), stable_hash(b"app1"));
+        assert_ne!(stable_hash(b"app1"), stable_hash(b"app2"));
+        assert_eq!(stable_hash(b""), mix64(0xcbf2_9ce4_8422_2325));
+    }
+}

@@ -1,0 +1,1288 @@
+//! Configuration: the TOML file shape, its validation, and the runtime [`Config`] the rest of the
+//! crate sees.
+//!
+//! Two layers, as in Sōzu and River: `file::*` structs are serde-only (`deny_unknown_fields`, every
+//! validated field wrapped in [`toml::Spanned`]); [`Config`] holds only validated types. Validation
+//! collects every problem before failing, each as `FILE:LINE:COL: message`.
+//!
+//! Precedence, highest first: command line > `TETHER_*` environment variables > file > defaults.
+//! This module owns the file and the environment; `main` owns the command line.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use toml::Spanned;
+
+/// Default number of proxy worker threads.
+pub const DEFAULT_THREADS: u64 = 1;
+/// Default seconds to keep serving after SIGTERM before closing listeners.
+pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 5;
+/// Default seconds in-flight requests may still take after the grace period.
+pub const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+/// Default idle connections kept per upstream pool.
+pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: u64 = 128;
+/// Default admin listener: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default TCP connect timeout to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Default longest wait for response bytes from a backend.
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 60_000;
+/// Default longest wait to write to a backend.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 60_000;
+/// Default idle time before a pooled upstream connection is closed.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default number of other backends tried after a connect failure.
+pub const DEFAULT_CONNECT_RETRIES: u64 = 2;
+/// Default time a backend that failed a connect is kept out of rotation.
+pub const DEFAULT_PASSIVE_EJECT_SECS: u64 = 10;
+/// Default lifetime of an idle pin.
+pub const DEFAULT_TTL_SECS: u64 = 86_400;
+/// Default longest accepted affinity key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: u64 = 256;
+/// Default capacity of the per-instance key cache.
+pub const DEFAULT_CACHE_ENTRIES: u64 = 1_000_000;
+/// Default name of tether's own cookie in insert mode.
+pub const DEFAULT_INSERT_COOKIE: &str = "tether";
+/// Default prefix of every Redis key and channel.
+pub const DEFAULT_KEY_PREFIX: &str = "tether:";
+/// Default longest wait for one Redis command.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 200;
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u64 = 1;
+/// Shortest secret accepted for the key hash and cookie signatures.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Environment variable overriding `affinity.hash_key`.
+pub const ENV_HASH_KEY: &str = "TETHER_HASH_KEY";
+/// Environment variable overriding `affinity.insert.secrets` (comma-separated).
+pub const ENV_INSERT_SECRETS: &str = "TETHER_INSERT_SECRETS";
+/// Environment variable overriding `redis.url`.
+pub const ENV_REDIS_URL: &str = "TETHER_REDIS_URL";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub upstream: UpstreamSettings,
+    pub affinity: AffinitySettings,
+    /// `None`: the map is kept in process (one instance only).
+    pub redis: Option<RedisSettings>,
+    pub backends: Vec<BackendSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+    pub upstream_keepalive_pool: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_retries: usize,
+    pub passive_eject: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AffinitySettings {
+    pub sources: Vec<KeySource>,
+    pub policy: Policy,
+    pub ttl: Duration,
+    /// `None` only without Redis: a random key is drawn at start-up.
+    pub hash_key: Option<Secret>,
+    pub max_key_bytes: usize,
+    pub cache_entries: usize,
+    /// Present exactly when `sources` contains [`KeySource::Insert`].
+    pub insert: Option<InsertSettings>,
+}
+
+/// Where an affinity key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The app's own session cookie, learned from the backend's `Set-Cookie`.
+    Cookie(String),
+    /// tether's own signed cookie.
+    Insert,
+    /// A request header.
+    Header(HeaderName),
+    /// A query parameter (percent-decoded).
+    Query(String),
+    /// The TCP peer's address.
+    Ip,
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Cookie(n) => write!(f, "cookie:{n}"),
+            KeySource::Insert => f.write_str("insert"),
+            KeySource::Header(n) => write!(f, "header:{n}"),
+            KeySource::Query(n) => write!(f, "query:{n}"),
+            KeySource::Ip => f.write_str("ip"),
+        }
+    }
+}
+
+/// How a key without a pin chooses its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    LeastConnections,
+    RoundRobin,
+    Weighted,
+    Rendezvous,
+}
+
+impl Policy {
+    pub const NAMES: [&'static str; 4] =
+        ["least_connections", "round_robin", "weighted", "rendezvous"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::LeastConnections => "least_connections",
+            Policy::RoundRobin => "round_robin",
+            Policy::Weighted => "weighted",
+            Policy::Rendezvous => "rendezvous",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "least_connections" => Policy::LeastConnections,
+            "round_robin" => Policy::RoundRobin,
+            "weighted" => Policy::Weighted,
+            "rendezvous" => Policy::Rendezvous,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InsertSettings {
+    pub cookie: String,
+    /// The first signs; all verify.
+    pub secrets: Vec<Secret>,
+    pub secure: bool,
+    pub same_site: SameSite,
+    pub http_only: bool,
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// May carry a password: never log it (the `Debug` impl hides it).
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A Redis URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub id: String,
+    /// As written in the file, for logs and the admin API.
+    pub address_text: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// Secret bytes: compared and used, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Values taken from the environment, which override the file.
+#[derive(Debug, Default, Clone)]
+pub struct EnvOverrides {
+    pub hash_key: Option<String>,
+    pub insert_secrets: Option<String>,
+    pub redis_url: Option<String>,
+}
+
+impl EnvOverrides {
+    /// Read `TETHER_HASH_KEY`, `TETHER_INSERT_SECRETS` and `TETHER_REDIS_URL`.
+    pub fn from_process_env() -> Self {
+        let get = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        EnvOverrides {
+            hash_key: get(ENV_HASH_KEY),
+            insert_secrets: get(ENV_INSERT_SECRETS),
+            redis_url: get(ENV_REDIS_URL),
+        }
+    }
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based; `None` when the problem comes from the environment.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+/// Every problem found in one file, printed one per line as `FILE:LINE:COL: message`.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            match d.position {
+                Some((line, col)) => {
+                    write!(f, "{}:{line}:{col}: {}", self.path.display(), d.message)?
+                }
+                None => write!(f, "{}: {}", self.path.display(), d.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Read, parse and validate `path`, applying the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            diagnostics: vec![Diagnostic {
+                position: None,
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(path, &text, &EnvOverrides::from_process_env())
+    }
+
+    /// Parse and validate `text` (the contents of `path`) with the given environment overrides.
+    pub fn parse(path: &Path, text: &str, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let mut diags = Diags {
+            text,
+            list: Vec::new(),
+        };
+        let parsed: Option<file::FileConfig> = match toml::from_str(text) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let message = e.message().trim_end().to_string();
+                match e.span() {
+                    Some(span) => diags.at(span, message),
+                    None => diags.global(message),
+                }
+                None
+            }
+        };
+        let config = parsed.and_then(|f| validate(f, env, &mut diags));
+        match config {
+            Some(c) if diags.list.is_empty() => Ok(c),
+            _ => Err(ConfigError {
+                path: path.to_path_buf(),
+                diagnostics: diags.list,
+            }),
+        }
+    }
+}
+
+/// Collects diagnostics, mapping byte spans to line and column.
+struct Diags<'a> {
+    text: &'a str,
+    list: Vec<Diagnostic>,
+}
+
+impl Diags<'_> {
+    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let position = Some(line_col(self.text, span.start));
+        self.list.push(Diagnostic {
+            position,
+            message: message.into(),
+        });
+    }
+
+    /// A problem with no place in the file (a missing section): reported at 1:1.
+    fn top(&mut self, message: impl Into<String>) {
+        self.list.push(Diagnostic {
+            position: Some((1, 1)),
+            message: message.into(),
+        });
+    }
+
+    fn global(&mut self, message: impl Into<String>) {
+        self.list.push(Diagnostic {
+            position: None,
+            message: message.into(),
+        });
+    }
+
+    /// Check an optional integer against `min..=max`, returning it or the default.
+    fn range(
+        &mut self,
+        v: &Option<Spanned<u64>>,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> u64 {
+        match v {
+            None => default,
+            Some(s) => {
+                let n = *s.get_ref();
+                if n < min || n > max {
+                    self.at(s.span(), format!("`{name}` is {n}: expected {min}..={max}"));
+                    default
+                } else {
+                    n
+                }
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+mod file {
+    //! The file as written: serde only. Every field validated beyond its type is `Spanned`.
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct FileConfig {
+        pub server: Option<Spanned<Server>>,
+        pub admin: Option<Admin>,
+        pub upstream: Option<Upstream>,
+        pub affinity: Option<Spanned<Affinity>>,
+        pub redis: Option<Spanned<Redis>>,
+        pub backend: Option<Vec<Spanned<Backend>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Server {
+        pub listen: Option<Vec<Spanned<String>>>,
+        pub threads: Option<Spanned<u64>>,
+        pub grace_period_secs: Option<Spanned<u64>>,
+        pub graceful_shutdown_timeout_secs: Option<Spanned<u64>>,
+        pub upstream_keepalive_pool: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub listen: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        pub connect_timeout_ms: Option<Spanned<u64>>,
+        pub read_timeout_ms: Option<Spanned<u64>>,
+        pub write_timeout_ms: Option<Spanned<u64>>,
+        pub idle_timeout_secs: Option<Spanned<u64>>,
+        pub connect_retries: Option<Spanned<u64>>,
+        pub passive_eject_secs: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Affinity {
+        pub sources: Option<Spanned<Vec<Spanned<String>>>>,
+        pub policy: Option<Spanned<String>>,
+        pub ttl_secs: Option<Spanned<u64>>,
+        pub hash_key: Option<Spanned<String>>,
+        pub max_key_bytes: Option<Spanned<u64>>,
+        pub cache_entries: Option<Spanned<u64>>,
+        pub insert: Option<Spanned<Insert>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Insert {
+        pub cookie: Option<Spanned<String>>,
+        pub secrets: Option<Spanned<Vec<Spanned<String>>>>,
+        pub secure: Option<bool>,
+        pub same_site: Option<Spanned<String>>,
+        pub http_only: Option<bool>,
+        pub max_age_secs: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Redis {
+        pub url: Option<Spanned<String>>,
+        pub key_prefix: Option<Spanned<String>>,
+        pub timeout_ms: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Backend {
+        pub id: Option<Spanned<String>>,
+        pub address: Option<Spanned<String>>,
+        pub weight: Option<Spanned<u64>>,
+    }
+}
+
+fn validate(f: file::FileConfig, env: &EnvOverrides, d: &mut Diags) -> Option<Config> {
+    let server = validate_server(f.server, d);
+    let admin = validate_admin(f.admin, &server, d);
+    let upstream = validate_upstream(f.upstream, d);
+    let redis = validate_redis(f.redis, env, d);
+    let affinity = validate_affinity(f.affinity, env, redis.is_some(), d);
+    let backends = validate_backends(f.backend, d);
+    Some(Config {
+        server: server?,
+        admin: admin?,
+        upstream,
+        affinity: affinity?,
+        redis,
+        backends: backends?,
+    })
+}
+
+fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<ServerSettings> {
+    let Some(s) = s else {
+        d.top("missing [server] section: it needs at least `listen = [\"0.0.0.0:8080\"]`");
+        return None;
+    };
+    let span = s.span();
+    let s = s.into_inner();
+    let mut listen = Vec::new();
+    match &s.listen {
+        None => d.at(
+            span.clone(),
+            "[server] needs `listen`, e.g. listen = [\"0.0.0.0:8080\"]",
+        ),
+        Some(list) if list.is_empty() => {
+            d.at(span.clone(), "`listen` is empty: give at least one address")
+        }
+        Some(list) => {
+            for a in list {
+                match a.get_ref().parse::<SocketAddr>() {
+                    Ok(addr) if listen.contains(&addr) => {
+                        d.at(a.span(), format!("`{addr}` is listed twice in `listen`"))
+                    }
+                    Ok(addr) => listen.push(addr),
+                    Err(_) => d.at(
+                        a.span(),
+                        format!(
+                            "`{}` is not an IP:port address (e.g. 0.0.0.0:8080 or [::]:8080)",
+                            a.get_ref()
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let threads = d.range(&s.threads, "threads", DEFAULT_THREADS, 1, 256) as usize;
+    let grace = d.range(
+        &s.grace_period_secs,
+        "grace_period_secs",
+        DEFAULT_GRACE_PERIOD_SECS,
+        0,
+        3600,
+    );
+    let shutdown = d.range(
+        &s.graceful_shutdown_timeout_secs,
+        "graceful_shutdown_timeout_secs",
+        DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECS,
+        0,
+        3600,
+    );
+    let pool = d.range(
+        &s.upstream_keepalive_pool,
+        "upstream_keepalive_pool",
+        DEFAULT_UPSTREAM_KEEPALIVE_POOL,
+        0,
+        65_536,
+    ) as usize;
+    (!listen.is_empty()).then(|| ServerSettings {
+        listen,
+        threads,
+        grace_period: Duration::from_secs(grace),
+        graceful_shutdown_timeout: Duration::from_secs(shutdown),
+        upstream_keepalive_pool: pool,
+    })
+}
+
+fn validate_admin(
+    a: Option<file::Admin>,
+    server: &Option<ServerSettings>,
+    d: &mut Diags,
+) -> Option<AdminSettings> {
+    let listen = match a.and_then(|a| a.listen) {
+        None => DEFAULT_ADMIN_LISTEN
+            .parse()
+            .expect("default admin address parses"),
+        Some(s) => match s.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => {
+                if server
+                    .as_ref()
+                    .is_some_and(|srv| srv.listen.contains(&addr))
+                {
+                    d.at(
+                        s.span(),
+                        format!("admin `listen` {addr} is also a proxy listen address"),
+                    );
+                }
+                addr
+            }
+            Err(_) => {
+                d.at(
+                    s.span(),
+                    format!(
+                        "`{}` is not an IP:port address (e.g. 127.0.0.1:9090)",
+                        s.get_ref()
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    Some(AdminSettings { listen })
+}
+
+fn validate_upstream(u: Option<file::Upstream>, d: &mut Diags) -> UpstreamSettings {
+    let u = u.unwrap_or(file::Upstream {
+        connect_timeout_ms: None,
+        read_timeout_ms: None,
+        write_timeout_ms: None,
+        idle_timeout_secs: None,
+        connect_retries: None,
+        passive_eject_secs: None,
+    });
+    let ms = Duration::from_millis;
+    let secs = Duration::from_secs;
+    UpstreamSettings {
+        connect_timeout: ms(d.range(
+            &u.connect_timeout_ms,
+            "connect_timeout_ms",
+            DEFAULT_CONNECT_TIMEOUT_MS,
+            1,
+            60_000,
+        )),
+        read_timeout: ms(d.range(
+            &u.read_timeout_ms,
+            "read_timeout_ms",
+            DEFAULT_READ_TIMEOUT_MS,
+            1,
+            3_600_000,
+        )),
+        write_timeout: ms(d.range(
+            &u.write_timeout_ms,
+            "write_timeout_ms",
+            DEFAULT_WRITE_TIMEOUT_MS,
+            1,
+            3_600_000,
+        )),
+        idle_timeout: secs(d.range(
+            &u.idle_timeout_secs,
+            "idle_timeout_secs",
+            DEFAULT_IDLE_TIMEOUT_SECS,
+            1,
+            3600,
+        )),
+        connect_retries: d.range(
+            &u.connect_retries,
+            "connect_retries",
+            DEFAULT_CONNECT_RETRIES,
+            0,
+            16,
+        ) as usize,
+        passive_eject: secs(d.range(
+            &u.passive_eject_secs,
+            "passive_eject_secs",
+            DEFAULT_PASSIVE_EJECT_SECS,
+            1,
+            3600,
+        )),
+    }
+}
+
+/// Characters allowed in a cookie name (RFC 6265 token).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn parse_source(s: &str) -> Result<KeySource, String> {
+    let (kind, name) = match s.split_once(':') {
+        Some((k, n)) => (k, Some(n)),
+        None => (s, None),
+    };
+    match (kind, name) {
+        ("ip", None) => Ok(KeySource::Ip),
+        ("insert", None) => Ok(KeySource::Insert),
+        ("cookie", Some(n)) if is_token(n) => Ok(KeySource::Cookie(n.to_string())),
+        ("cookie", Some(n)) => Err(format!("`{n}` is not a valid cookie name")),
+        ("header", Some(n)) => HeaderName::from_bytes(n.as_bytes())
+            .map(KeySource::Header)
+            .map_err(|_| format!("`{n}` is not a valid header name")),
+        ("query", Some(n)) if !n.is_empty() && !n.contains(['&', '=', '#']) => {
+            Ok(KeySource::Query(n.to_string()))
+        }
+        ("query", Some(n)) => Err(format!("`{n}` is not a valid query parameter name")),
+        ("ip" | "insert", Some(_)) => Err(format!("`{kind}` takes no name: write \"{kind}\"")),
+        ("cookie" | "header" | "query", None) => {
+            Err(format!("`{kind}` needs a name, e.g. \"{kind}:sid\""))
+        }
+        _ => Err(format!(
+            "unknown key source `{s}`: expected \"cookie:<name>\", \"insert\", \"header:<name>\", \"query:<name>\" or \"ip\""
+        )),
+    }
+}
+
+fn validate_affinity(
+    a: Option<Spanned<file::Affinity>>,
+    env: &EnvOverrides,
+    with_redis: bool,
+    d: &mut Diags,
+) -> Option<AffinitySettings> {
+    let Some(a) = a else {
+        d.top("missing [affinity] section: it needs `sources`, e.g. sources = [\"cookie:connect.sid\", \"insert\"]");
+        return None;
+    };
+    let span = a.span();
+    let a = a.into_inner();
+    let mut ok = true;
+
+    let mut sources: Vec<KeySource> = Vec::new();
+    match &a.sources {
+        None => {
+            d.at(
+                span.clone(),
+                "[affinity] needs `sources`, e.g. sources = [\"cookie:connect.sid\", \"insert\"]",
+            );
+            ok = false;
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            d.at(
+                list.span(),
+                "`sources` is empty: give at least one key source",
+            );
+            ok = false;
+        }
+        Some(list) => {
+            for s in list.get_ref() {
+                if sources.last() == Some(&KeySource::Ip) {
+                    d.at(
+                        s.span(),
+                        "this source comes after \"ip\", which is always present: move \"ip\" last",
+                    );
+                    ok = false;
+                }
+                match parse_source(s.get_ref()) {
+                    Ok(src) if sources.contains(&src) => {
+                        d.at(s.span(), format!("source `{src}` is listed twice"));
+                        ok = false;
+                    }
+                    Ok(src) => sources.push(src),
+                    Err(m) => {
+                        d.at(s.span(), m);
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+
+    let policy = match &a.policy {
+        None => Policy::LeastConnections,
+        Some(p) => match Policy::parse(p.get_ref()) {
+            Some(p) => p,
+            None => {
+                d.at(
+                    p.span(),
+                    format!(
+                        "unknown policy `{}`: expected one of {}",
+                        p.get_ref(),
+                        Policy::NAMES.join(", ")
+                    ),
+                );
+                ok = false;
+                Policy::LeastConnections
+            }
+        },
+    };
+    let ttl = d.range(&a.ttl_secs, "ttl_secs", DEFAULT_TTL_SECS, 1, 30 * 86_400);
+    let max_key = d.range(
+        &a.max_key_bytes,
+        "max_key_bytes",
+        DEFAULT_MAX_KEY_BYTES,
+        16,
+        4096,
+    );
+    let cache = d.range(
+        &a.cache_entries,
+        "cache_entries",
+        DEFAULT_CACHE_ENTRIES,
+        1,
+        100_000_000,
+    );
+
+    let hash_key = match (&env.hash_key, &a.hash_key) {
+        (Some(k), _) if k.len() < MIN_SECRET_BYTES => {
+            d.global(format!(
+                "{ENV_HASH_KEY} is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                k.len()
+            ));
+            ok = false;
+            None
+        }
+        (Some(k), _) => Some(Secret::new(k.clone().into_bytes())),
+        (None, Some(k)) if k.get_ref().len() < MIN_SECRET_BYTES => {
+            d.at(
+                k.span(),
+                format!(
+                    "`hash_key` is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                    k.get_ref().len()
+                ),
+            );
+            ok = false;
+            None
+        }
+        (None, Some(k)) => Some(Secret::new(k.get_ref().clone().into_bytes())),
+        (None, None) if with_redis => {
+            d.at(
+                span.clone(),
+                format!("[affinity] needs `hash_key` (or {ENV_HASH_KEY}) with [redis]: every instance must derive the same Redis keys"),
+            );
+            ok = false;
+            None
+        }
+        (None, None) => None,
+    };
+
+    let wants_insert = sources.contains(&KeySource::Insert);
+    let insert = if wants_insert {
+        match validate_insert(a.insert, env, &span, d) {
+            Some(i) => Some(i),
+            None => {
+                ok = false;
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    ok.then_some(AffinitySettings {
+        sources,
+        policy,
+        ttl: Duration::from_secs(ttl),
+        hash_key,
+        max_key_bytes: max_key as usize,
+        cache_entries: cache as usize,
+        insert,
+    })
+}
+
+fn validate_insert(
+    i: Option<Spanned<file::Insert>>,
+    env: &EnvOverrides,
+    affinity_span: &Range<usize>,
+    d: &mut Diags,
+) -> Option<InsertSettings> {
+    let (span, i) = match i {
+        Some(i) => (i.span(), Some(i.into_inner())),
+        None => (affinity_span.clone(), None),
+    };
+    let mut ok = true;
+    let cookie = match i.as_ref().and_then(|i| i.cookie.as_ref()) {
+        None => DEFAULT_INSERT_COOKIE.to_string(),
+        Some(c) if is_token(c.get_ref()) => c.get_ref().clone(),
+        Some(c) => {
+            d.at(
+                c.span(),
+                format!("`{}` is not a valid cookie name", c.get_ref()),
+            );
+            ok = false;
+            String::new()
+        }
+    };
+    let mut secrets = Vec::new();
+    if let Some(list) = &env.insert_secrets {
+        for (n, s) in list.split(',').map(str::trim).enumerate() {
+            if s.len() < MIN_SECRET_BYTES {
+                d.global(format!(
+                    "{ENV_INSERT_SECRETS}: secret #{} is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                    n + 1,
+                    s.len()
+                ));
+                ok = false;
+            } else {
+                secrets.push(Secret::new(s.as_bytes().to_vec()));
+            }
+        }
+    } else if let Some(list) = i.as_ref().and_then(|i| i.secrets.as_ref()) {
+        for s in list.get_ref() {
+            if s.get_ref().len() < MIN_SECRET_BYTES {
+                d.at(
+                    s.span(),
+                    format!(
+                        "secret is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                        s.get_ref().len()
+                    ),
+                );
+                ok = false;
+            } else {
+                secrets.push(Secret::new(s.get_ref().clone().into_bytes()));
+            }
+        }
+    }
+    if secrets.is_empty() && ok {
+        d.at(
+            span.clone(),
+            format!("source \"insert\" needs [affinity.insert] `secrets` (or {ENV_INSERT_SECRETS}) to sign its cookie"),
+        );
+        ok = false;
+    }
+    let secure = i.as_ref().and_then(|i| i.secure).unwrap_or(false);
+    let same_site = match i.as_ref().and_then(|i| i.same_site.as_ref()) {
+        None => SameSite::Lax,
+        Some(s) => match s.get_ref().to_ascii_lowercase().as_str() {
+            "lax" => SameSite::Lax,
+            "strict" => SameSite::Strict,
+            "none" if secure => SameSite::None,
+            "none" => {
+                d.at(
+                    s.span(),
+                    "same_site = \"none\" needs secure = true (browsers reject it otherwise)",
+                );
+                ok = false;
+                SameSite::None
+            }
+            other => {
+                d.at(
+                    s.span(),
+                    format!(
+                        "unknown same_site `{other}`: expected \"lax\", \"strict\" or \"none\""
+                    ),
+                );
+                ok = false;
+                SameSite::Lax
+            }
+        },
+    };
+    let http_only = i.as_ref().and_then(|i| i.http_only).unwrap_or(true);
+    let max_age = i.as_ref().and_then(|i| i.max_age_secs.as_ref()).map(|m| {
+        let v = d.range(&Some(m.clone()), "max_age_secs", 1, 1, 365 * 86_400);
+        Duration::from_secs(v)
+    });
+    ok.then_some(InsertSettings {
+        cookie,
+        secrets,
+        secure,
+        same_site,
+        http_only,
+        max_age,
+    })
+}
+
+fn validate_redis(
+    r: Option<Spanned<file::Redis>>,
+    env: &EnvOverrides,
+    d: &mut Diags,
+) -> Option<RedisSettings> {
+    let r = r?;
+    let span = r.span();
+    let r = r.into_inner();
+    let (url, url_span) = match (&env.redis_url, &r.url) {
+        (Some(u), _) => (u.clone(), None),
+        (None, Some(u)) => (u.get_ref().clone(), Some(u.span())),
+        (None, None) => {
+            d.at(
+                span,
+                "[redis] needs `url`, e.g. url = \"redis://127.0.0.1:6379/\"",
+            );
+            return None;
+        }
+    };
+    let report = |d: &mut Diags, m: String| match &url_span {
+        Some(s) => d.at(s.clone(), m),
+        None => d.global(format!("{ENV_REDIS_URL}: {m}")),
+    };
+    if url.starts_with("rediss://") {
+        report(d, "`rediss://` (TLS to Redis) is not supported by this build yet: use redis:// or redis+unix://".into());
+    } else if let Err(e) = redis::Client::open(url.as_str()) {
+        report(d, format!("`{}` is not a Redis URL: {e}", redact_url(&url)));
+    }
+    let key_prefix = match &r.key_prefix {
+        None => DEFAULT_KEY_PREFIX.to_string(),
+        Some(p) => {
+            let v = p.get_ref();
+            if v.is_empty()
+                || v.len() > 64
+                || v.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                d.at(
+                    p.span(),
+                    "`key_prefix` must be 1 to 64 characters without spaces",
+                );
+            }
+            v.clone()
+        }
+    };
+    let timeout = d.range(
+        &r.timeout_ms,
+        "timeout_ms",
+        DEFAULT_REDIS_TIMEOUT_MS,
+        1,
+        10_000,
+    );
+    Some(RedisSettings {
+        url,
+        key_prefix,
+        timeout: Duration::from_millis(timeout),
+    })
+}
+
+/// Backend ids go into Redis values and cookies: keep them to a safe alphabet.
+fn is_backend_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn validate_backends(
+    list: Option<Vec<Spanned<file::Backend>>>,
+    d: &mut Diags,
+) -> Option<Vec<BackendSettings>> {
+    let list = match list {
+        Some(l) if !l.is_empty() => l,
+        _ => {
+            d.top("no backends: add at least one [[backend]] with `id` and `address`");
+            return None;
+        }
+    };
+    let mut out: Vec<BackendSettings> = Vec::new();
+    let mut ok = true;
+    for b in list {
+        let span = b.span();
+        let b = b.into_inner();
+        let id = match &b.id {
+            None => {
+                d.at(span.clone(), "[[backend]] needs `id`");
+                ok = false;
+                continue;
+            }
+            Some(id) if !is_backend_id(id.get_ref()) => {
+                d.at(
+                    id.span(),
+                    format!(
+                        "backend id `{}` must be 1 to 64 of A-Z a-z 0-9 _ -",
+                        id.get_ref()
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            Some(id) if out.iter().any(|o| &o.id == id.get_ref()) => {
+                d.at(
+                    id.span(),
+                    format!("duplicate backend id `{}`", id.get_ref()),
+                );
+                ok = false;
+                continue;
+            }
+            Some(id) => id.get_ref().clone(),
+        };
+        let address = match &b.address {
+            None => {
+                d.at(
+                    span.clone(),
+                    format!("backend `{id}` needs `address`, e.g. address = \"127.0.0.1:3000\""),
+                );
+                ok = false;
+                continue;
+            }
+            Some(a) => match resolve(a.get_ref()) {
+                Ok(addr) => (a.get_ref().clone(), addr),
+                Err(m) => {
+                    d.at(a.span(), m);
+                    ok = false;
+                    continue;
+                }
+            },
+        };
+        let weight = d.range(&b.weight, "weight", DEFAULT_WEIGHT, 1, 1000) as u32;
+        out.push(BackendSettings {
+            id,
+            address_text: address.0,
+            address: address.1,
+            weight,
+        });
+    }
+    ok.then_some(out)
+}
+
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !text.contains(':') {
+        return Err(format!(
+            "`{text}` has no port: write host:port, e.g. 127.0.0.1:3000"
+        ));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{text}` resolved to no address")),
+        Err(e) => Err(format!(
+            "`{text}` is not a host:port address that resolves: {e}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[affinity]
+sources = ["cookie:connect.sid", "ip"]
+
+[[backend]]
+id = "a"
+address = "127.0.0.1:3001"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text, &EnvOverrides::default())
+    }
+
+    /// The rendered diagnostics of `text`, which must fail.
+    fn errors(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(BASE).expect("valid");
+        assert_eq!(c.server.threads, 1);
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.affinity.policy, Policy::LeastConnections);
+        assert_eq!(c.affinity.ttl, Duration::from_secs(DEFAULT_TTL_SECS));
+        assert_eq!(c.upstream.connect_retries, 2);
+        assert!(c.redis.is_none());
+        assert!(c.affinity.hash_key.is_none());
+        assert_eq!(c.backends[0].weight, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line_and_column() {
+        let text = BASE.replace("[server]\n", "[server]\nlistne = 1\n");
+        let e = errors(&text);
+        assert!(e.starts_with("t.toml:3:1: unknown field `listne`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported_with_line_and_column() {
+        let text = BASE.replace("id = \"a\"", "id = \"a");
+        let e = errors(&text);
+        assert!(e.starts_with("t.toml:9:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_ids_are_rejected() {
+        let text = format!("{BASE}\n[[backend]]\nid = \"a\"\naddress = \"127.0.0.1:3002\"\n");
+        let e = errors(&text);
+        assert!(e.contains("t.toml:13:6: duplicate backend id `a`"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        let text = BASE
+            .replace("127.0.0.1:8080", "localhost")
+            .replace("127.0.0.1:3001", "nowhere");
+        let e = errors(&text);
+        assert!(
+            e.contains("t.toml:3:11: `localhost` is not an IP:port address"),
+            "{e}"
+        );
+        assert!(e.contains("t.toml:10:11: `nowhere` has no port"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_are_rejected() {
+        let text = BASE.replace(
+            "[affinity]\n",
+            "[upstream]\nconnect_timeout_ms = 0\nread_timeout_ms = 99999999999\n\n[affinity]\nttl_secs = 0\n",
+        );
+        let e = errors(&text);
+        assert!(
+            e.contains("t.toml:6:22: `connect_timeout_ms` is 0: expected 1..=60000"),
+            "{e}"
+        );
+        assert!(
+            e.contains("t.toml:7:19: `read_timeout_ms` is 99999999999"),
+            "{e}"
+        );
+        assert!(e.contains("t.toml:10:12: `ttl_secs` is 0"), "{e}");
+    }
+
+    #[test]
+    fn unknown_source_and_policy_are_rejected() {
+        let text = BASE.replace(
+            "sources = [\"cookie:connect.sid\", \"ip\"]",
+            "sources = [\"jwt:sub\", \"ip\", \"header:x\"]\npolicy = \"random\"",
+        );
+        let e = errors(&text);
+        assert!(
+            e.contains("t.toml:6:12: unknown key source `jwt:sub`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("t.toml:6:29: this source comes after \"ip\""),
+            "{e}"
+        );
+        assert!(e.contains("t.toml:7:10: unknown policy `random`"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let text = BASE
+            .replace("127.0.0.1:3001", "x")
+            .replace("[affinity]\n", "[affinity]\nttl_secs = 0\n");
+        let e = errors(&text);
+        assert_eq!(e.lines().count(), 2, "{e}");
+    }
+
+    #[test]
+    fn redis_needs_a_hash_key_and_tls_is_rejected() {
+        let text = format!("{BASE}\n[redis]\nurl = \"rediss://h:6379/\"\n");
+        let e = errors(&text);
+        assert!(e.contains("needs `hash_key`"), "{e}");
+        assert!(
+            e.contains("t.toml:13:7: `rediss://` (TLS to Redis) is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let text = format!("{BASE}\n[redis]\nurl = \"redis://127.0.0.1:1/\"\n");
+        let env = EnvOverrides {
+            hash_key: Some("0123456789abcdef-env".into()),
+            redis_url: Some("redis://127.0.0.1:2/".into()),
+            insert_secrets: None,
+        };
+        let c = Config::parse(Path::new("t.toml"), &text, &env).expect("valid");
+        assert_eq!(c.redis.unwrap().url, "redis://127.0.0.1:2/");
+        assert_eq!(
+            c.affinity.hash_key.unwrap().expose(),
+            b"0123456789abcdef-env"
+        );
+    }
+
+    #[test]
+    fn insert_needs_secrets_and_sane_attributes() {
+        let text = BASE.replace("\"ip\"]", "\"insert\"]");
+        assert!(errors(&text).contains("needs [affinity.insert] `secrets`"));
+        let text = BASE.replace("\"ip\"]", "\"insert\"]")
+            + "\n[affinity.insert]\nsecrets = [\"short\"]\nsame_site = \"none\"\n";
+        let e = errors(&text);
+        assert!(e.contains("secret is 5 bytes"), "{e}");
+        assert!(
+            e.contains("same_site = \"none\" needs secure = true"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = Secret::new(b"super-secret-value".to_vec());
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+        assert_eq!(
+            redact_url("redis://user:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncé\nx", 7), (3, 1));
+        assert_eq!(line_col("ab\ncé\nx", 3), (2, 1));
+    }
+}

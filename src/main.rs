@@ -1,0 +1,85 @@
+//! `tether run -c FILE` serves; `tether check FILE...` validates configuration files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Sticky HTTP load balancer with the session map in Redis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "conf/tether.toml")]
+        config: PathBuf,
+        /// Take the listening sockets over from a running tether (graceful upgrade): start the
+        /// new process with -u, then send SIGQUIT to the old one.
+        #[arg(short, long)]
+        upgrade: bool,
+    },
+    /// Validate configuration files: exit 0, or print every problem as FILE:LINE:COL and exit 1.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => {
+            let mut ok = true;
+            for f in &files {
+                match Config::load(f) {
+                    Ok(_) => println!("{}: ok", f.display()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Run { config, upgrade } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .init();
+            // Parse and validate before anything binds a socket.
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match tether::server::run(cfg, upgrade) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Every Prometheus metric tether exports, named in one place and registered once.
+//!
+//! They live in the `prometheus` crate's default registry (0.14, the version `pingora-prometheus`
+//! uses), which the admin listener serves at `/metrics`. Label values come from small known sets:
+//! configured backend ids, status classes, fixed reasons. Never anything per client.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec,
+};
+
+/// Metric names: one constant each, so dashboards and docs have a single source.
+pub mod names {
+    pub const REQUESTS: &str = "tether_requests_total";
+    pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
+    pub const ACTIVE_REQUESTS: &str = "tether_backend_active_requests";
+    pub const CONNECT_FAILURES: &str = "tether_upstream_connect_failures_total";
+    pub const RETRIES: &str = "tether_retries_total";
+    pub const LOOKUPS: &str = "tether_affinity_lookups_total";
+    pub const ASSIGNMENTS: &str = "tether_assignments_total";
+    pub const REASSIGNMENTS: &str = "tether_reassignments_total";
+    pub const LEARNED: &str = "tether_affinity_learned_total";
+    pub const INVALID_KEYS: &str = "tether_invalid_keys_total";
+    pub const INVALIDATIONS: &str = "tether_affinity_invalidations_total";
+    pub const REFRESHES: &str = "tether_affinity_refreshes_total";
+    pub const REDIS_UP: &str = "tether_redis_up";
+    pub const REDIS_ERRORS: &str = "tether_redis_errors_total";
+    pub const REDIS_DURATION: &str = "tether_redis_command_duration_seconds";
+}
+
+/// HTTP status classes used as the `class` label of [`names::REQUESTS`].
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Results of an affinity lookup, the `result` label of [`names::LOOKUPS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Served from this instance's cache: no Redis round trip.
+    Cache,
+    /// Found in Redis (or adopted from another instance that won the first assignment).
+    Redis,
+    /// Known nowhere: a new assignment by policy.
+    Miss,
+    /// Redis unavailable and not cached: the deterministic rendezvous hash chose.
+    Fallback,
+    /// The request carried no key; balanced by policy, nothing pinned.
+    None,
+}
+
+impl Lookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Cache => "cache",
+            Lookup::Redis => "redis",
+            Lookup::Miss => "miss",
+            Lookup::Fallback => "fallback",
+            Lookup::None => "none",
+        }
+    }
+}
+
+/// Why a pinned key moved to another backend, the `reason` label of [`names::REASSIGNMENTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reassign {
+    /// The pinned backend is ejected (it failed a connect recently).
+    Down,
+    /// The pin names a backend that is not configured (or a value tether cannot read).
+    Removed,
+    /// Connecting to the pinned backend failed during this request.
+    ConnectFailure,
+}
+
+impl Reassign {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reassign::Down => "down",
+            Reassign::Removed => "removed",
+            Reassign::ConnectFailure => "connect_failure",
+        }
+    }
+}
+
+/// Every metric, registered once in the default registry.
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub active_requests: IntGaugeVec,
+    pub connect_failures: IntCounterVec,
+    pub retries: IntCounter,
+    pub lookups: IntCounterVec,
+    pub assignments: IntCounterVec,
+    pub reassignments: IntCounterVec,
+    pub learned: IntCounter,
+    pub invalid_keys: IntCounterVec,
+    pub invalidations: IntCounter,
+    pub refreshes: IntCounterVec,
+    pub redis_up: IntGauge,
+    pub redis_errors: IntCounter,
+    pub redis_duration: Histogram,
+}
+
+impl Metrics {
+    /// The process-wide metrics, registered on first use.
+    pub fn get() -> &'static Metrics {
+        static METRICS: OnceLock<Metrics> = OnceLock::new();
+        METRICS.get_or_init(Metrics::register)
+    }
+
+    fn register() -> Metrics {
+        use names::*;
+        // Registration only fails on a duplicate name, which `OnceLock` rules out.
+        const OK: &str = "metric registered once";
+        Metrics {
+            requests: register_int_counter_vec!(
+                Opts::new(REQUESTS, "Requests answered, by backend (\"none\" if none was chosen) and status class"),
+                &["backend", "class"]
+            )
+            .expect(OK),
+            request_duration: register_histogram_vec!(
+                HistogramOpts::new(REQUEST_DURATION, "Time from request headers to the end of the response, by backend")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["backend"]
+            )
+            .expect(OK),
+            active_requests: register_int_gauge_vec!(
+                Opts::new(ACTIVE_REQUESTS, "Requests in flight to each backend"),
+                &["backend"]
+            )
+            .expect(OK),
+            connect_failures: register_int_counter_vec!(
+                Opts::new(CONNECT_FAILURES, "Connections to a backend that were refused or timed out"),
+                &["backend"]
+            )
+            .expect(OK),
+            retries: register_int_counter!(RETRIES, "Requests retried on another backend after a connect failure").expect(OK),
+            lookups: register_int_counter_vec!(
+                Opts::new(LOOKUPS, "Affinity lookups by result: cache, redis, miss, fallback, none"),
+                &["result"]
+            )
+            .expect(OK),
+            assignments: register_int_counter_vec!(
+                Opts::new(ASSIGNMENTS, "New keys pinned, by assignment policy"),
+                &["policy"]
+            )
+            .expect(OK),
+            reassignments: register_int_counter_vec!(
+                Opts::new(REASSIGNMENTS, "Pinned keys moved to another backend, by reason"),
+                &["reason"]
+            )
+            .expect(OK),
+            learned: register_int_counter!(LEARNED, "Keys pinned from a backend's Set-Cookie").expect(OK),
+            invalid_keys: register_int_counter_vec!(
+                Opts::new(INVALID_KEYS, "Keys ignored as absent, by reason: too_long, bad_signature"),
+                &["reason"]
+            )
+            .expect(OK),
+            invalidations: register_int_counter!(
+                INVALIDATIONS,
+                "Reassignments by other instances applied to this instance's cache (Redis pub/sub)"
+            )
+            .expect(OK),
+            refreshes: register_int_counter_vec!(
+                Opts::new(REFRESHES, "Sliding-TTL refreshes sent to Redis, by result: ok, restored, changed, failed, dropped"),
+                &["result"]
+            )
+            .expect(OK),
+            redis_up: register_int_gauge!(REDIS_UP, "1 while Redis answers, 0 while tether fails open").expect(OK),
+            redis_errors: register_int_counter!(REDIS_ERRORS, "Redis commands that failed or timed out").expect(OK),
+            redis_duration: register_histogram!(
+                HistogramOpts::new(REDIS_DURATION, "Redis command round trips on the request path")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
+            )
+            .expect(OK),
+        }
+    }
+}
+
+/// Index into [`STATUS_CLASSES`] for a status code, `None` for codes outside 100..=599.
+pub fn status_class(status: u16) -> Option<usize> {
+    match status {
+        100..=599 => Some((status / 100 - 1) as usize),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(200), Some(1));
+        assert_eq!(status_class(503), Some(4));
+        assert_eq!(status_class(0), None);
+        assert_eq!(STATUS_CLASSES[status_class(101).unwrap()], "1xx");
+    }
+}

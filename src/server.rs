@@ -1,0 +1,73 @@
+//! Wiring: the validated [`Config`] becomes a Pingora `Server` with the proxy and admin services.
+//!
+//! Redis I/O (connection, refresher, prober) runs on a small Tokio runtime of its own, built
+//! before Pingora starts its services: Pingora must not be started inside a runtime, and the
+//! first connection to Redis should be made before the proxy accepts a request, so that a
+//! restarted tether routes known keys from Redis instead of failing open.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::Server;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::services::listening::Service;
+use tracing::info;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::routing::{Router, State};
+
+/// Start tether with `config` and serve until a signal stops it. `upgrade`: take the listeners
+/// over from a running tether (Pingora's graceful upgrade, see README).
+pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tether-redis")
+        .enable_all()
+        .build()
+        .context("starting the Redis I/O runtime")?;
+    let state = Arc::new(io.block_on(State::build(&config))?);
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        // Our retry policy (fail_to_connect) bounds retries; this is Pingora's outer cap.
+        max_retries: config.upstream.connect_retries + 2,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = http_proxy_service_with_name(
+        &server.configuration,
+        Router {
+            state: state.clone(),
+        },
+        "tether proxy",
+    );
+    for addr in &config.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    let mut admin = Service::new("tether admin".to_string(), AdminApp { state });
+    admin.add_tcp(&config.admin.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(admin);
+
+    info!(
+        listen = ?config.server.listen,
+        admin = %config.admin.listen,
+        backends = config.backends.len(),
+        policy = config.affinity.policy.as_str(),
+        "tether starting"
+    );
+    // `run_forever` never returns; the Redis runtime must live as long as the process.
+    std::mem::forget(io);
+    server.run_forever()
+}
