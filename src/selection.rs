@@ -173,7 +173,7 @@ mod tests {
     fn counts(set: &BackendSet, policy: Policy, n: u128) -> HashMap<String, usize> {
         let mut c = HashMap::new();
         for i in 0..n {
-            let k = KeyHash(mix64(i as u64) as u128 | ((i as u128) << 64));
+            let k = KeyHash(mix64(i as u64) as u128 | (i << 64));
             let b = pick(set, policy, Some(k), &[], 0).unwrap();
             *c.entry(b.id.to_string()).or_default() += 1;
         }

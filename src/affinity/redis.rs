@@ -85,14 +85,39 @@ pub struct Refresh {
     pub backend: BackendKey,
 }
 
+/// Whether Redis answers, shared by the request path, the push handler and the prober.
+#[derive(Default)]
+struct Liveness {
+    up: AtomicBool,
+    wake_prober: Notify,
+}
+
+impl Liveness {
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn mark_up(&self) {
+        self.up.store(true, Ordering::Release);
+        Metrics::get().redis_up.set(1);
+    }
+
+    fn mark_down(&self, why: &dyn std::fmt::Display) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            warn!(error = %why, "redis unavailable: failing open (local cache, then rendezvous hash)");
+            Metrics::get().redis_up.set(0);
+            self.wake_prober.notify_one();
+        }
+    }
+}
+
 pub struct RedisMap {
     conn: ConnectionManager,
     prefix: String,
     channel: String,
     ttl_ms: u64,
     timeout: Duration,
-    up: AtomicBool,
-    wake_prober: Notify,
+    liveness: Arc<Liveness>,
     refresh_tx: mpsc::Sender<Refresh>,
     cas: redis::Script,
     cache: Arc<PinCache>,
@@ -122,11 +147,19 @@ impl RedisMap {
         let client = redis::Client::open(info.set_redis_settings(resp3))?;
 
         let channel = format!("{}pins", settings.key_prefix);
+        let liveness = Arc::new(Liveness::default());
         // The push callback runs on the connection's task: keep it short (a cache update).
         let push_cache = cache.clone();
         let push_interner = interner.clone();
         let push_channel = channel.clone();
+        let push_liveness = liveness.clone();
         let on_push = move |push: redis::PushInfo| -> Result<(), redis::aio::SendError> {
+            if push.kind == PushKind::Disconnection {
+                // The manager reconnects and resubscribes by itself; until the prober has seen
+                // an answer, the request path does not wait on Redis. Messages published
+                // meanwhile are lost, which compare-and-set and refreshes repair.
+                push_liveness.mark_down(&"connection lost");
+            }
             apply_push(&push, &push_channel, &push_cache, &push_interner);
             Ok(())
         };
@@ -148,8 +181,7 @@ impl RedisMap {
             channel,
             ttl_ms: ttl.as_millis() as u64,
             timeout: settings.timeout,
-            up: AtomicBool::new(false),
-            wake_prober: Notify::new(),
+            liveness,
             refresh_tx,
             cas: redis::Script::new(CAS_SCRIPT),
             cache,
@@ -160,7 +192,7 @@ impl RedisMap {
             Ok(()) => info!(url = %redact_url(&settings.url), "connected to redis"),
             Err(e) => {
                 warn!(url = %redact_url(&settings.url), error = %e, "redis unreachable at start-up: failing open until it answers");
-                map.wake_prober.notify_one();
+                map.liveness.wake_prober.notify_one();
             }
         }
         tokio::spawn(map.clone().prober());
@@ -177,23 +209,18 @@ impl RedisMap {
             return Err(RedisError::Reply(pong));
         }
         within(timeout, conn.subscribe(&self.channel)).await?;
-        self.up.store(true, Ordering::Release);
-        Metrics::get().redis_up.set(1);
+        self.liveness.mark_up();
         Ok(())
     }
 
     /// Whether the request path should talk to Redis.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.liveness.is_up()
     }
 
     fn mark_down(&self, error: &RedisError) {
         Metrics::get().redis_errors.inc();
-        if self.up.swap(false, Ordering::AcqRel) {
-            warn!(%error, "redis unavailable: failing open (local cache, then rendezvous hash)");
-            Metrics::get().redis_up.set(0);
-            self.wake_prober.notify_one();
-        }
+        self.liveness.mark_down(error);
     }
 
     /// The Redis key of a pin.
@@ -374,7 +401,7 @@ impl RedisMap {
     /// Background task: while Redis is down, ping it with backoff; resubscribe when it answers.
     async fn prober(self: Arc<Self>) {
         loop {
-            self.wake_prober.notified().await;
+            self.liveness.wake_prober.notified().await;
             let mut delay = Duration::from_millis(100);
             while !self.is_up() {
                 tokio::time::sleep(delay).await;
@@ -390,37 +417,33 @@ impl RedisMap {
 
 /// Apply one push message: a reassignment published by some instance, or a disconnection.
 fn apply_push(push: &redis::PushInfo, channel: &str, cache: &PinCache, interner: &Interner) {
-    match push.kind {
-        PushKind::Message => {
-            let [Value::BulkString(ch), Value::BulkString(payload)] = push.data.as_slice() else {
-                return;
-            };
-            if ch.as_slice() != channel.as_bytes() {
-                return;
-            }
-            let Some((hex, id)) = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|p| p.split_once(' '))
-            else {
-                return;
-            };
-            let Some(key) = KeyHash::parse(hex) else {
-                return;
-            };
-            let now = now_ms();
-            match interner.lookup(id) {
-                Some(backend) => {
-                    if cache.update_if_cached(key, backend, now) {
-                        Metrics::get().invalidations.inc();
-                    }
-                }
-                None => cache.remove(key),
+    if push.kind != PushKind::Message {
+        return;
+    }
+    let [Value::BulkString(ch), Value::BulkString(payload)] = push.data.as_slice() else {
+        return;
+    };
+    if ch.as_slice() != channel.as_bytes() {
+        return;
+    }
+    let Some((hex, id)) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|p| p.split_once(' '))
+    else {
+        return;
+    };
+    let Some(key) = KeyHash::parse(hex) else {
+        return;
+    };
+    let now = now_ms();
+    match interner.lookup(id) {
+        Some(backend) => {
+            if cache.update_if_cached(key, backend, now) {
+                Metrics::get().invalidations.inc();
             }
         }
-        // The connection dropped: the manager reconnects and resubscribes by itself; messages
-        // published meanwhile are lost, which compare-and-set and refreshes repair.
-        PushKind::Disconnection => debug!("redis connection dropped; reconnecting"),
-        _ => {}
+        // A backend this instance does not know: forget the pin, the next request reassigns.
+        None => cache.remove(key),
     }
 }
 
