@@ -246,6 +246,33 @@ impl Extractor {
     }
 }
 
+/// Whether a request is an Engine.IO polling handshake: `EIO=` present, no `sid` yet.
+pub fn is_engine_io_handshake(query: Option<&str>) -> bool {
+    query.is_some_and(|q| query_param(q, "EIO").is_some() && query_param(q, "sid").is_none())
+}
+
+/// The session id in the start of an Engine.IO handshake response body: `0{"sid":"..."` (v4) or
+/// `<len>:0{"sid":"..."` (v3). `None` until enough of the body is there, or if it is not one.
+pub fn engine_io_sid(body: &[u8]) -> Option<&[u8]> {
+    const FIELD: &[u8] = b"\"sid\":\"";
+    // The open packet (type 0) comes first; v3 prefixes a length.
+    let open = body.iter().position(|b| *b == b'0')?;
+    if !body[..open]
+        .iter()
+        .all(|b| b.is_ascii_digit() || *b == b':')
+    {
+        return None;
+    }
+    let start = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let len = body[start..].iter().position(|b| *b == b'"')?;
+    let sid = &body[start..start + len];
+    let valid = (1..=128).contains(&sid.len())
+        && sid
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(b));
+    valid.then_some(sid)
+}
+
 /// The hash tag of a source: `c:<name>`, `i`, `h:<name>`, `q:<name>` or `ip`. Part of the
 /// persisted Redis key derivation: changing it orphans every pin.
 pub fn source_tag(source: &KeySource) -> Vec<u8> {
@@ -435,6 +462,30 @@ mod tests {
             out.key.unwrap().insert,
             Some(InsertKey::Minted { .. })
         ));
+    }
+
+    #[test]
+    fn engine_io_handshakes_are_recognised() {
+        assert!(is_engine_io_handshake(Some(
+            "EIO=4&transport=polling&t=abc"
+        )));
+        assert!(!is_engine_io_handshake(Some(
+            "EIO=4&transport=polling&sid=x"
+        )));
+        assert!(!is_engine_io_handshake(Some("transport=polling")));
+        assert!(!is_engine_io_handshake(None));
+        let v4 =
+            br#"0{"sid":"lv_VI97HAXpY6yYWAAAC","upgrades":["websocket"],"pingInterval":25000}"#;
+        assert_eq!(engine_io_sid(v4), Some(&b"lv_VI97HAXpY6yYWAAAC"[..]));
+        let v3 = br#"97:0{"sid":"abc-123","upgrades":[]}2:40"#;
+        assert_eq!(engine_io_sid(v3), Some(&b"abc-123"[..]));
+        // Incomplete, hostile or foreign bodies.
+        assert_eq!(engine_io_sid(br#"0{"sid":"abc"#), None);
+        assert_eq!(engine_io_sid(br#"x0{"sid":"abc"}"#), None);
+        assert_eq!(engine_io_sid(br#"0{"sid":"a b"}"#), None);
+        assert_eq!(engine_io_sid(br#"0{"sid":""}"#), None);
+        assert_eq!(engine_io_sid(b"\xff\xfe"), None);
+        assert_eq!(engine_io_sid(b""), None);
     }
 
     #[test]

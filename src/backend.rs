@@ -93,6 +93,7 @@ pub struct Backend {
 pub struct BackendStats {
     pub requests: [IntCounter; 5],
     pub active: IntGauge,
+    pub websockets: IntGauge,
     pub connect_failures: IntCounter,
     pub duration: prometheus::Histogram,
 }
@@ -118,6 +119,7 @@ impl Backend {
             stats: BackendStats {
                 requests: STATUS_CLASSES.map(|c| m.requests.with_label_values(&[&*id, c])),
                 active: m.active_requests.with_label_values(&[&*id]),
+                websockets: m.open_websockets.with_label_values(&[&*id]),
                 connect_failures: m.connect_failures.with_label_values(&[&*id]),
                 duration: m.request_duration.with_label_values(&[&*id]),
             },
@@ -257,6 +259,7 @@ mod tests {
             read_timeout: Duration::from_secs(1),
             write_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            tunnel_timeout: Duration::from_secs(1),
             connect_retries: 2,
             passive_eject: Duration::from_secs(10),
         }

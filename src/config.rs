@@ -37,6 +37,9 @@ pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 /// Default number of other backends tried after a connect failure.
 pub const DEFAULT_CONNECT_RETRIES: u64 = 2;
+/// Default idle time after which an upgraded (WebSocket) connection is closed, like HAProxy's
+/// `timeout tunnel`.
+pub const DEFAULT_TUNNEL_TIMEOUT_SECS: u64 = 3600;
 /// Default time a backend that failed a connect is kept out of rotation.
 pub const DEFAULT_PASSIVE_EJECT_SECS: u64 = 10;
 /// Default lifetime of an idle pin.
@@ -95,6 +98,9 @@ pub struct UpstreamSettings {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Idle limit of upgraded connections (WebSockets), both directions; replaces the read
+    /// timeouts once a request asks to upgrade.
+    pub tunnel_timeout: Duration,
     pub connect_retries: usize,
     pub passive_eject: Duration,
 }
@@ -452,6 +458,7 @@ mod file {
         pub read_timeout_ms: Option<Spanned<u64>>,
         pub write_timeout_ms: Option<Spanned<u64>>,
         pub idle_timeout_secs: Option<Spanned<u64>>,
+        pub tunnel_timeout_secs: Option<Spanned<u64>>,
         pub connect_retries: Option<Spanned<u64>>,
         pub passive_eject_secs: Option<Spanned<u64>>,
     }
@@ -621,6 +628,7 @@ fn validate_upstream(u: Option<file::Upstream>, d: &mut Diags) -> UpstreamSettin
         read_timeout_ms: None,
         write_timeout_ms: None,
         idle_timeout_secs: None,
+        tunnel_timeout_secs: None,
         connect_retries: None,
         passive_eject_secs: None,
     });
@@ -654,6 +662,13 @@ fn validate_upstream(u: Option<file::Upstream>, d: &mut Diags) -> UpstreamSettin
             DEFAULT_IDLE_TIMEOUT_SECS,
             1,
             3600,
+        )),
+        tunnel_timeout: secs(d.range(
+            &u.tunnel_timeout_secs,
+            "tunnel_timeout_secs",
+            DEFAULT_TUNNEL_TIMEOUT_SECS,
+            1,
+            7 * 86_400,
         )),
         connect_retries: d.range(
             &u.connect_retries,

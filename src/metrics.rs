@@ -17,6 +17,7 @@ pub mod names {
     pub const REQUESTS: &str = "tether_requests_total";
     pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
     pub const ACTIVE_REQUESTS: &str = "tether_backend_active_requests";
+    pub const OPEN_WEBSOCKETS: &str = "tether_backend_open_websockets";
     pub const CONNECT_FAILURES: &str = "tether_upstream_connect_failures_total";
     pub const RETRIES: &str = "tether_retries_total";
     pub const LOOKUPS: &str = "tether_affinity_lookups_total";
@@ -50,6 +51,14 @@ pub enum Lookup {
 }
 
 impl Lookup {
+    pub const ALL: [Lookup; 5] = [
+        Lookup::Cache,
+        Lookup::Redis,
+        Lookup::Miss,
+        Lookup::Fallback,
+        Lookup::None,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Lookup::Cache => "cache",
@@ -85,8 +94,11 @@ impl Reassign {
 /// Every metric, registered once in the default registry.
 pub struct Metrics {
     pub requests: IntCounterVec,
+    /// `lookups` resolved per result once: the request path never looks a label up.
+    lookup_counters: [IntCounter; 5],
     pub request_duration: HistogramVec,
     pub active_requests: IntGaugeVec,
+    pub open_websockets: IntGaugeVec,
     pub connect_failures: IntCounterVec,
     pub retries: IntCounter,
     pub lookups: IntCounterVec,
@@ -112,7 +124,16 @@ impl Metrics {
         use names::*;
         // Registration only fails on a duplicate name, which `OnceLock` rules out.
         const OK: &str = "metric registered once";
+        let lookups = register_int_counter_vec!(
+            Opts::new(
+                LOOKUPS,
+                "Affinity lookups by result: cache, redis, miss, fallback, none"
+            ),
+            &["result"]
+        )
+        .expect(OK);
         Metrics {
+            lookup_counters: Lookup::ALL.map(|l| lookups.with_label_values(&[l.as_str()])),
             requests: register_int_counter_vec!(
                 Opts::new(REQUESTS, "Requests answered, by backend (\"none\" if none was chosen) and status class"),
                 &["backend", "class"]
@@ -129,17 +150,21 @@ impl Metrics {
                 &["backend"]
             )
             .expect(OK),
+            open_websockets: register_int_gauge_vec!(
+                Opts::new(
+                    OPEN_WEBSOCKETS,
+                    "Upgraded connections (WebSockets) open to each backend; also counted in active requests"
+                ),
+                &["backend"]
+            )
+            .expect(OK),
             connect_failures: register_int_counter_vec!(
                 Opts::new(CONNECT_FAILURES, "Connections to a backend that were refused or timed out"),
                 &["backend"]
             )
             .expect(OK),
             retries: register_int_counter!(RETRIES, "Requests retried on another backend after a connect failure").expect(OK),
-            lookups: register_int_counter_vec!(
-                Opts::new(LOOKUPS, "Affinity lookups by result: cache, redis, miss, fallback, none"),
-                &["result"]
-            )
-            .expect(OK),
+            lookups,
             assignments: register_int_counter_vec!(
                 Opts::new(ASSIGNMENTS, "New keys pinned, by assignment policy"),
                 &["policy"]
@@ -177,6 +202,13 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Count one affinity lookup.
+    pub fn lookup(&self, result: Lookup) {
+        self.lookup_counters[result as usize].inc();
+    }
+}
+
 /// Index into [`STATUS_CLASSES`] for a status code, `None` for codes outside 100..=599.
 pub fn status_class(status: u16) -> Option<usize> {
     match status {
@@ -188,6 +220,17 @@ pub fn status_class(status: u16) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_counters_are_indexed_by_discriminant() {
+        for (i, l) in Lookup::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i);
+        }
+        let m = Metrics::get();
+        let before = m.lookups.with_label_values(&["fallback"]).get();
+        m.lookup(Lookup::Fallback);
+        assert_eq!(m.lookups.with_label_values(&["fallback"]).get(), before + 1);
+    }
 
     #[test]
     fn status_classes() {

@@ -13,8 +13,9 @@
 //! - No backend configured or none left to try: 502/503 from Pingora's error path.
 //! - Malformed keys: ignored as absent, counted in `tether_invalid_keys_total`.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -24,14 +25,17 @@ use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
-use crate::affinity::cache::PinCache;
+use crate::affinity::cache::{Pin, PinCache};
 use crate::affinity::cookie::parse_set_cookie;
 use crate::affinity::redis::{Assigned, RedisMap, decode_pin, encode_pin};
-use crate::affinity::{Extractor, InsertKey, KeyHash, KeyHasher, SessionKey};
+use crate::affinity::{
+    Extractor, InsertKey, KeyHash, KeyHasher, SessionKey, engine_io_sid, is_engine_io_handshake,
+};
 use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, Interner, now_ms};
 use crate::config::{Config, KeySource, Policy};
 use crate::metrics::{Lookup, Metrics, Reassign, status_class};
 use crate::selection;
+use bytes::Bytes;
 
 /// Everything the request path and the admin listener share.
 pub struct State {
@@ -44,8 +48,13 @@ pub struct State {
     pub policy: Policy,
     passive_eject: Duration,
     connect_retries: usize,
+    tunnel_timeout: Duration,
     /// `(source index, cookie name)` of every `cookie:<name>` source: learned from Set-Cookie.
     learned_cookies: Vec<(usize, Vec<u8>)>,
+    /// Index of the `query:sid` source: Engine.IO handshakes teach its pins.
+    engine_io_source: Option<usize>,
+    /// Keys with an upgraded connection (WebSocket) open through this instance.
+    pub tunnels: Arc<Tunnels>,
 }
 
 impl State {
@@ -88,13 +97,14 @@ impl State {
             policy: a.policy,
             passive_eject: config.upstream.passive_eject,
             connect_retries: config.upstream.connect_retries,
+            tunnel_timeout: config.upstream.tunnel_timeout,
             learned_cookies,
+            engine_io_source: a
+                .sources
+                .iter()
+                .position(|s| *s == KeySource::Query("sid".into())),
+            tunnels: Arc::default(),
         })
-    }
-
-    /// Whether requests may talk to Redis right now (always false without Redis).
-    fn redis_up(&self) -> Option<&RedisMap> {
-        self.redis.as_deref().filter(|r| r.is_up())
     }
 
     /// The backend for a keyed request's first attempt.
@@ -103,9 +113,9 @@ impl State {
         if let Some(pin) = self.cache.get(key.hash, now) {
             return match set.get(pin.backend) {
                 Some(b) if b.is_up(now) => {
-                    m.lookups.with_label_values(&[Lookup::Cache.as_str()]).inc();
+                    m.lookup(Lookup::Cache);
                     if self.cache.refresh_due(&pin, now) {
-                        self.refresh(key.hash, pin.backend, now);
+                        self.refresh(key.hash, &pin, now);
                     }
                     Some(b.clone())
                 }
@@ -127,7 +137,7 @@ impl State {
             // In process: the cache is the map, and it has no pin.
             let b = hint.or_else(|| selection::pick(set, self.policy, Some(key.hash), &[], now))?;
             self.cache.put(key.hash, b.key, now, true);
-            m.lookups.with_label_values(&[Lookup::Miss.as_str()]).inc();
+            m.lookup(Lookup::Miss);
             m.assignments
                 .with_label_values(&[self.policy.as_str()])
                 .inc();
@@ -140,14 +150,14 @@ impl State {
             match redis.assign(key.hash, &candidate.id).await {
                 Ok(Assigned::Won) => {
                     self.cache.put(key.hash, candidate.key, now, true);
-                    m.lookups.with_label_values(&[Lookup::Miss.as_str()]).inc();
+                    m.lookup(Lookup::Miss);
                     m.assignments
                         .with_label_values(&[self.policy.as_str()])
                         .inc();
                     return Some(candidate);
                 }
                 Ok(Assigned::Existing(raw)) => {
-                    m.lookups.with_label_values(&[Lookup::Redis.as_str()]).inc();
+                    m.lookup(Lookup::Redis);
                     let pinned = decode_pin(&raw)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k));
@@ -186,10 +196,7 @@ impl State {
     ) -> Option<Arc<Backend>> {
         let b = hint.or_else(|| selection::rendezvous(set, key.hash, exclude, now))?;
         self.cache.put(key.hash, b.key, now, false);
-        Metrics::get()
-            .lookups
-            .with_label_values(&[Lookup::Fallback.as_str()])
-            .inc();
+        Metrics::get().lookup(Lookup::Fallback);
         Some(b)
     }
 
@@ -270,17 +277,72 @@ impl State {
     }
 
     /// Slide a pin's TTL: locally now, in Redis off the request path.
-    fn refresh(&self, key: KeyHash, backend: BackendKey, now: u64) {
-        match self.redis_up() {
-            Some(redis) => {
-                self.cache.put(key, backend, now, true);
-                redis.refresh(key, backend);
+    fn refresh(&self, key: KeyHash, pin: &Pin, now: u64) {
+        match self.redis.as_deref() {
+            Some(redis) if redis.is_up() => {
+                self.cache.put(key, pin.backend, now, true);
+                redis.refresh(key, pin.backend);
             }
-            // Without Redis the cache is the map: sliding it is the whole refresh. While Redis
-            // is down, the pin stays as it is (unsynced ones are retried after recovery).
-            None if self.redis.is_none() => self.cache.put(key, backend, now, true),
-            None => {}
+            // Without Redis the cache is the map: sliding it is the whole refresh.
+            None => self.cache.put(key, pin.backend, now, true),
+            // Redis down: keep the pin alive here (at the same pace) and written when it returns.
+            Some(_) => {
+                if now.saturating_sub(pin.refreshed_ms) >= self.cache.ttl_ms() / 4 {
+                    self.cache.put(key, pin.backend, now, false);
+                }
+            }
         }
+    }
+
+    /// Background task: while a WebSocket keyed by a pin is open through this instance, slide the
+    /// pin every ttl/4 so that it cannot expire under an idle but open connection.
+    pub async fn keep_tunnel_pins_alive(self: Arc<Self>) {
+        let every = Duration::from_millis((self.cache.ttl_ms() / 4).max(250));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            for (key, backend) in self.tunnels.keys() {
+                let stale = Pin::new(key, backend, 0, true);
+                self.refresh(key, &stale, now);
+            }
+        }
+    }
+
+    /// Pin `key` to `backend` now, as learned from a response body. Body filters are synchronous,
+    /// but the client's next request may reach another instance as soon as it has the body, so
+    /// the Redis write must land first: it blocks this worker for one Redis round trip (at most
+    /// `timeout_ms`) inside `block_in_place`, once per Engine.IO session.
+    fn learn_now(&self, key: KeyHash, backend: &Backend) {
+        let now = now_ms();
+        Metrics::get().learned.inc();
+        let Some(redis) = self.redis.as_deref().filter(|r| r.is_up()) else {
+            // In process, or Redis down (written when it returns, like any unsynced pin).
+            self.cache.put(key, backend.key, now, self.redis.is_none());
+            return;
+        };
+        let handle = tokio::runtime::Handle::current();
+        let synced = match handle.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| {
+                handle.block_on(redis.learn(key, &backend.id)).is_ok()
+            }),
+            // Pingora without work stealing runs current-thread runtimes: write after the fact.
+            _ => {
+                let (redis, cache) = (self.redis.clone(), self.cache.clone());
+                let (id, bkey) = (backend.id.clone(), backend.key);
+                tokio::spawn(async move {
+                    if let Some(r) = redis
+                        && r.learn(key, &id).await.is_ok()
+                    {
+                        cache.update_if_cached(key, bkey, now_ms());
+                    }
+                });
+                false
+            }
+        };
+        self.cache.put(key, backend.key, now, synced);
+        debug!(key = %key, backend = %backend.id, "learned pin from an Engine.IO handshake");
     }
 
     /// Record pins from the `Set-Cookie` headers of a response served by `backend`.
@@ -319,6 +381,63 @@ impl State {
     }
 }
 
+/// Upgraded connections open through this instance, by key.
+#[derive(Default)]
+pub struct Tunnels {
+    open: Mutex<HashMap<KeyHash, (BackendKey, usize)>>,
+}
+
+impl Tunnels {
+    /// Register an upgraded connection to `backend` (for `key`, if it has one) until the guard
+    /// drops.
+    fn open(self: &Arc<Self>, key: Option<KeyHash>, backend: Arc<Backend>) -> TunnelGuard {
+        backend.stats.websockets.inc();
+        if let Some(k) = key {
+            let mut open = self.open.lock().expect("tunnels lock is never poisoned");
+            let entry = open.entry(k).or_insert((backend.key, 0));
+            entry.0 = backend.key;
+            entry.1 += 1;
+        }
+        TunnelGuard {
+            tunnels: self.clone(),
+            key,
+            backend,
+        }
+    }
+
+    /// Keys with an open tunnel and the backend it goes to.
+    pub fn keys(&self) -> Vec<(KeyHash, BackendKey)> {
+        let open = self.open.lock().expect("tunnels lock is never poisoned");
+        open.iter().map(|(k, (b, _))| (*k, *b)).collect()
+    }
+}
+
+/// An open upgraded connection; closing it (dropping the request context) unregisters it.
+pub struct TunnelGuard {
+    tunnels: Arc<Tunnels>,
+    key: Option<KeyHash>,
+    backend: Arc<Backend>,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.backend.stats.websockets.dec();
+        if let Some(k) = self.key {
+            let mut open = self
+                .tunnels
+                .open
+                .lock()
+                .expect("tunnels lock is never poisoned");
+            if let Some(entry) = open.get_mut(&k) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    open.remove(&k);
+                }
+            }
+        }
+    }
+}
+
 /// The Pingora proxy.
 pub struct Router {
     pub state: Arc<State>,
@@ -333,6 +452,12 @@ pub struct RequestCtx {
     failed: Vec<BackendKey>,
     attempts: usize,
     started: Instant,
+    /// The client asked to upgrade (WebSocket): tunnel timeouts apply.
+    upgrade: bool,
+    /// An Engine.IO polling handshake: the start of its response body, until the sid is found.
+    engine_io: Option<Vec<u8>>,
+    /// Held while the upgraded connection is open.
+    tunnel: Option<TunnelGuard>,
 }
 
 impl Router {
@@ -359,10 +484,7 @@ impl Router {
         match &ctx.key {
             Some(key) => self.state.resolve(set, key, now).await,
             None => {
-                Metrics::get()
-                    .lookups
-                    .with_label_values(&[Lookup::None.as_str()])
-                    .inc();
+                Metrics::get().lookup(Lookup::None);
                 selection::pick(set, self.state.policy, None, &[], now)
             }
         }
@@ -387,7 +509,24 @@ impl ProxyHttp for Router {
             failed: Vec::new(),
             attempts: 0,
             started: Instant::now(),
+            upgrade: false,
+            engine_io: None,
+            tunnel: None,
         }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if session.is_upgrade_req() {
+            // Pingora's downstream read timeout (60 s) would cut idle WebSockets.
+            ctx.upgrade = true;
+            session.set_read_timeout(Some(self.state.tunnel_timeout));
+        }
+        if self.state.engine_io_source.is_some()
+            && is_engine_io_handshake(session.req_header().uri.query())
+        {
+            ctx.engine_io = Some(Vec::new());
+        }
+        Ok(false)
     }
 
     async fn upstream_peer(
@@ -419,7 +558,10 @@ impl ProxyHttp for Router {
             ctx.current = None;
             return Error::e_explain(ErrorType::HTTPStatus(503), "no backend available");
         };
-        let peer = backend.peer();
+        let mut peer = backend.peer();
+        if ctx.upgrade {
+            peer.options.read_timeout = Some(self.state.tunnel_timeout);
+        }
         ctx.current = Some(backend.track());
         Ok(peer)
     }
@@ -503,9 +645,45 @@ impl ProxyHttp for Router {
                 upstream_response.append_header("set-cookie", cookie)?;
             }
         }
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let key = ctx.key.as_ref().map(|k| k.hash);
+            ctx.tunnel = Some(self.state.tunnels.open(key, backend.clone()));
+        }
+        if upstream_response.status != http::StatusCode::OK {
+            ctx.engine_io = None;
+        }
         let current = ctx.key.as_ref().map(|k| k.hash);
         self.state.learn(upstream_response, &backend, current).await;
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // Engine.IO handshake: the sid is in the first bytes of the body.
+        const LOOK_AT: usize = 1024;
+        if let Some(buf) = ctx.engine_io.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                let room = LOOK_AT.saturating_sub(buf.len());
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            let found = engine_io_sid(buf).map(<[u8]>::to_vec);
+            let backend = ctx.current.as_ref().map(|g| g.backend().clone());
+            if let (Some(sid), Some(backend), Some(source)) =
+                (found.as_deref(), backend, self.state.engine_io_source)
+            {
+                let key = self.state.extractor.hash_for(source, sid);
+                self.state.learn_now(key, &backend);
+                ctx.engine_io = None;
+            } else if end_of_stream || buf.len() >= LOOK_AT {
+                ctx.engine_io = None;
+            }
+        }
+        Ok(None)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

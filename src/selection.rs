@@ -164,6 +164,7 @@ mod tests {
             read_timeout: Duration::from_secs(1),
             write_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            tunnel_timeout: Duration::from_secs(1),
             connect_retries: 2,
             passive_eject: Duration::from_secs(10),
         };

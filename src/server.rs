@@ -28,6 +28,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         .build()
         .context("starting the Redis I/O runtime")?;
     let state = Arc::new(io.block_on(State::build(&config))?);
+    io.spawn(state.clone().keep_tunnel_pins_alive());
 
     let conf = ServerConf {
         threads: config.server.threads,

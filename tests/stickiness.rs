@@ -252,7 +252,7 @@ async fn query_header_and_ip_sources_in_order() {
     let m = lb.metrics().await;
     assert_eq!(
         metric_value(&m, "tether_affinity_lookups_total{result=\"none\"}"),
-        None
+        Some(0.0)
     );
 }
 

@@ -25,6 +25,17 @@ pub struct Pin {
     pub synced: bool,
 }
 
+impl Pin {
+    pub fn new(key: KeyHash, backend: BackendKey, refreshed_ms: u64, synced: bool) -> Pin {
+        Pin {
+            key: key.0,
+            backend,
+            refreshed_ms,
+            synced,
+        }
+    }
+}
+
 pub struct PinCache {
     map: TinyUfo<u64, Pin>,
     ttl_ms: u64,
@@ -52,12 +63,7 @@ impl PinCache {
 
     /// Pin `key` to `backend`, refreshed at `now`.
     pub fn put(&self, key: KeyHash, backend: BackendKey, now: u64, synced: bool) {
-        let pin = Pin {
-            key: key.0,
-            backend,
-            refreshed_ms: now,
-            synced,
-        };
+        let pin = Pin::new(key, backend, now, synced);
         // Forced: the client's next request must find what this one decided.
         self.map.force_put(key.0 as u64, pin, 1);
     }

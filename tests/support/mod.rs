@@ -410,7 +410,10 @@ struct BackendState {
 /// - `GET /set-cookie?name=N&value=V` also sets `Set-Cookie: N=V; Path=/; HttpOnly` (the query
 ///   is split on `&` and `=`, not percent-decoded);
 /// - `/healthz` answers 200, or 503 after [`Backend::set_healthy`]`(false)`; health checks are
-///   counted apart ([`Backend::health_checks`]) and not recorded with the other requests.
+///   counted apart ([`Backend::health_checks`]) and not recorded with the other requests;
+/// - `GET /ws` with `Upgrade: websocket` becomes a WebSocket that echoes text as `<id>:<text>`;
+/// - `/socket.io/?EIO=4...` imitates Engine.IO polling: a handshake opens sid `<id>-<n>`, a sid
+///   from another backend gets 400 `Session ID unknown`.
 pub struct Backend {
     id: String,
     addr: SocketAddr,
@@ -570,15 +573,31 @@ async fn serve(listener: TcpListener, id: String, state: Arc<BackendState>) {
                 let id = id.clone();
                 let state = state.clone();
                 connections.spawn(async move {
-                    let service = service_fn(move |req| {
+                    // A WebSocket upgrade is handed back here, so the echo runs inside this
+                    // connection's task and dies with it when the backend is killed.
+                    let (upgrades, mut upgraded) = tokio::sync::mpsc::unbounded_channel();
+                    let ws_id = id.clone();
+                    let service = service_fn(move |mut req: Request<Incoming>| {
                         let id = id.clone();
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(respond(&id, &state, req)) }
+                        let upgrades = upgrades.clone();
+                        async move {
+                            if let Some(resp) = websocket_upgrade(&id, &mut req, &upgrades) {
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            Ok::<_, Infallible>(respond(&id, &state, req))
+                        }
                     });
                     // Errors here are the client going away: nothing to report.
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
+                    if let Ok(on_upgrade) = upgraded.try_recv()
+                        && let Ok(io) = on_upgrade.await
+                    {
+                        websocket_echo(&ws_id, TokioIo::new(io)).await;
+                    }
                 });
             }
             // Reap finished connections so the set does not grow without bound.
@@ -587,15 +606,103 @@ async fn serve(listener: TcpListener, id: String, state: Arc<BackendState>) {
     }
 }
 
+/// `GET /ws` with `Upgrade: websocket`: answer 101 and hand the connection to the echo.
+fn websocket_upgrade(
+    id: &str,
+    req: &mut Request<Incoming>,
+    upgrades: &tokio::sync::mpsc::UnboundedSender<hyper::upgrade::OnUpgrade>,
+) -> Option<Response<Full<Bytes>>> {
+    let wants = req.uri().path() == "/ws"
+        && req
+            .headers()
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !wants {
+        return None;
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+        req.headers().get("sec-websocket-key")?.as_bytes(),
+    );
+    upgrades.send(hyper::upgrade::on(req)).ok()?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    h.insert("sec-websocket-accept", HeaderValue::from_str(&accept).ok()?);
+    h.insert("x-backend-id", HeaderValue::from_str(id).ok()?);
+    Some(resp)
+}
+
+/// Echo every text message back as `<id>:<text>` until the peer closes.
+async fn websocket_echo<S>(id: &str, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        io,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        None,
+    )
+    .await;
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(t) => Message::text(format!("{id}:{}", t.as_str())),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// An Engine.IO-like polling endpoint, enough for tether's sid learning: a handshake
+/// (`EIO` without `sid`) opens `<id>-<n>`; a request with a sid this backend did not open gets
+/// Engine.IO's 400 `Session ID unknown`.
+fn engine_io(id: &str, state: &BackendState, query: &str) -> (StatusCode, String) {
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_owned())
+    };
+    match param("sid") {
+        None => {
+            let n = state.requests.lock().expect("backend state lock").len();
+            let sid = format!("{id}-{n}");
+            let body = format!(
+                "0{{\"sid\":\"{sid}\",\"upgrades\":[],\"pingInterval\":25000,\"pingTimeout\":20000,\"maxPayload\":1000000}}"
+            );
+            (StatusCode::OK, body)
+        }
+        Some(sid) if sid.starts_with(&format!("{id}-")) => (StatusCode::OK, "6".to_owned()),
+        Some(_) => (
+            StatusCode::BAD_REQUEST,
+            "{\"code\":1,\"message\":\"Session ID unknown\"}".to_owned(),
+        ),
+    }
+}
+
 fn respond(id: &str, state: &BackendState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut status = StatusCode::OK;
     let mut set_cookie = None;
+    let mut body = id.to_owned();
     if req.uri().path() == "/healthz" {
         *state.health_checks.lock().expect("backend state lock") += 1;
         if state.unhealthy.load(Ordering::SeqCst) {
             status = StatusCode::SERVICE_UNAVAILABLE;
         }
     } else {
+        if req.uri().path() == "/socket.io/" {
+            (status, body) = engine_io(id, state, req.uri().query().unwrap_or(""));
+        }
         if req.uri().path() == "/set-cookie" {
             let query = req.uri().query().unwrap_or("");
             let param = |key: &str| {
@@ -619,7 +726,7 @@ fn respond(id: &str, state: &BackendState, req: Request<Incoming>) -> Response<F
                 headers: req.headers().clone(),
             });
     }
-    let mut resp = Response::new(Full::new(Bytes::from(id.to_owned())));
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(
@@ -746,7 +853,11 @@ impl Balancer {
             .arg("run")
             .arg("-c")
             .arg(&self.config)
-            .env("RUST_LOG", "info")
+            // TETHER_TEST_LOG=debug (or any filter) to see more of tether in failing tests.
+            .env(
+                "RUST_LOG",
+                std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
