@@ -238,7 +238,7 @@ pub fn mix64(mut z: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn settings(ids: &[&str]) -> Vec<BackendSettings> {
@@ -253,7 +253,7 @@ mod tests {
             .collect()
     }
 
-    fn upstream() -> UpstreamSettings {
+    pub(crate) fn upstream() -> UpstreamSettings {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),

@@ -22,11 +22,7 @@ pub fn pick(
     exclude: &[BackendKey],
     now: u64,
 ) -> Option<Arc<Backend>> {
-    let up_only = set
-        .all()
-        .iter()
-        .any(|b| b.is_up(now) && !exclude.contains(&b.key));
-    let eligible = |b: &Backend| !exclude.contains(&b.key) && (!up_only || b.is_up(now));
+    let eligible = eligibility(set, exclude, now);
     match (policy, key) {
         (Policy::LeastConnections, _) => least_connections(set, &eligible),
         (Policy::Weighted, _) => smooth_weighted(set, &eligible),
@@ -44,13 +40,20 @@ pub fn rendezvous(
     exclude: &[BackendKey],
     now: u64,
 ) -> Option<Arc<Backend>> {
+    rendezvous_among(set, key, &eligibility(set, exclude, now))
+}
+
+/// Which backends may be chosen: not excluded, and up unless none that is not excluded is up.
+fn eligibility<'a>(
+    set: &BackendSet,
+    exclude: &'a [BackendKey],
+    now: u64,
+) -> impl Fn(&Backend) -> bool + 'a {
     let up_only = set
         .all()
         .iter()
         .any(|b| b.is_up(now) && !exclude.contains(&b.key));
-    rendezvous_among(set, key, &|b: &Backend| {
-        !exclude.contains(&b.key) && (!up_only || b.is_up(now))
-    })
+    move |b: &Backend| !exclude.contains(&b.key) && (!up_only || b.is_up(now))
 }
 
 fn rendezvous_among(
@@ -144,7 +147,7 @@ fn smooth_weighted(set: &BackendSet, eligible: &dyn Fn(&Backend) -> bool) -> Opt
 mod tests {
     use super::*;
     use crate::backend::Interner;
-    use crate::config::{BackendSettings, UpstreamSettings};
+    use crate::config::BackendSettings;
     use std::collections::HashMap;
     use std::time::Duration;
 
@@ -159,16 +162,11 @@ mod tests {
                 weight: *w,
             })
             .collect();
-        let upstream = UpstreamSettings {
-            connect_timeout: Duration::from_secs(1),
-            read_timeout: Duration::from_secs(1),
-            write_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            tunnel_timeout: Duration::from_secs(1),
-            connect_retries: 2,
-            passive_eject: Duration::from_secs(10),
-        };
-        BackendSet::new(&settings, &upstream, &Interner::default())
+        BackendSet::new(
+            &settings,
+            &crate::backend::tests::upstream(),
+            &Interner::default(),
+        )
     }
 
     fn counts(set: &BackendSet, policy: Policy, n: u128) -> HashMap<String, usize> {

@@ -21,11 +21,7 @@ fn body(backends: &[&Backend], redis: &RedisServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_racing_on_500_new_keys_never_disagree() {
     let redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let one = Balancer::start(&body(&[&a, &b, &c], &redis)).await;
     let two = Balancer::start(&body(&[&a, &b, &c], &redis)).await;
     let urls = Arc::new((one.url("/"), two.url("/")));
@@ -87,11 +83,7 @@ async fn two_instances_racing_on_500_new_keys_never_disagree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_and_restarted_tether_routes_every_known_key_as_before() {
     let redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let mut lb = Balancer::start(&body(&[&a, &b, &c], &redis)).await;
     let url = Arc::new(lb.url("/"));
     let http = client();
@@ -133,11 +125,7 @@ async fn a_killed_and_restarted_tether_routes_every_known_key_as_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_made_by_one_instance_reaches_the_other_through_pubsub() {
     let redis = RedisServer::start();
-    let (a, mut b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, mut b, c) = three_backends().await;
     let one = Balancer::start(&body(&[&a, &b, &c], &redis)).await;
     let two = Balancer::start(&body(&[&a, &b, &c], &redis)).await;
     let http = client();

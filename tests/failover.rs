@@ -30,11 +30,7 @@ async fn sweep(url: &str, prefix: &str, sessions: usize) -> Vec<String> {
 /// and stay moved, the others do not move. With Redis, the new pins are stored.
 async fn kill_a_backend_under_sessions(with_redis: bool) {
     let redis = RedisServer::start();
-    let (a, mut b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, mut b, c) = three_backends().await;
     let lb = Balancer::start(&config(
         &[&a, &b, &c],
         with_redis.then_some(&redis),
@@ -99,11 +95,7 @@ async fn the_in_process_map_moves_sessions_off_a_killed_backend_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_tether_fails_open_and_writes_resume_when_it_returns() {
     let mut redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let body = config(
         &[&a, &b, &c],
         Some(&redis),

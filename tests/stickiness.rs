@@ -9,15 +9,6 @@ use std::sync::Arc;
 use support::scenario::*;
 use support::*;
 
-/// Three backends named a, b, c.
-async fn three_backends() -> (Backend, Backend, Backend) {
-    (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    )
-}
-
 /// Sends `rounds` requests for each of `sessions` header-keyed sessions through `lb`, 32 sessions
 /// at a time; returns, per session, the set of backends that answered. Every answer must be 200.
 async fn drive_sessions(lb: &Balancer, sessions: usize, rounds: usize) -> Vec<HashSet<String>> {

@@ -50,11 +50,7 @@ fn body(backends: &[&Backend], redis: &RedisServer, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_follows_its_session_and_outlives_the_read_timeout() {
     let redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let lb = Balancer::start(&body(
         &[&a, &b, &c],
         &redis,
@@ -91,11 +87,7 @@ async fn many_websockets_each_echo_their_first_message() {
     // Regression test for cloudflare/pingora#946 (vendor/README.md): with the routing decision
     // awaiting Redis, about 1 in 10 tunnels used to be torn down right after the 101.
     let redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     let lb = Balancer::start(&body(&[&a, &b, &c], &redis, "")).await;
     for n in 0..200 {
         let (mut ws, backend) = open_ws(&lb, &format!("first-{n}")).await;
@@ -186,11 +178,7 @@ async fn a_pin_cannot_expire_under_an_open_websocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_io_sids_are_learned_from_the_handshake_on_every_instance() {
     let redis = RedisServer::start();
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let (a, b, c) = three_backends().await;
     // No cookie, no header: only the sid can keep polling requests together.
     let body = config(
         &[&a, &b, &c],

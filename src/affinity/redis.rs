@@ -325,13 +325,7 @@ impl RedisMap {
                 .collect();
             let now = now_ms();
             if !self.is_up() {
-                for (r, _) in &jobs {
-                    self.cache.mark_unsynced(r.key, r.backend, now);
-                }
-                Metrics::get()
-                    .refreshes
-                    .with_label_values(&["failed"])
-                    .inc_by(jobs.len() as u64);
+                self.refreshes_failed(&jobs, now);
                 continue;
             }
             let mut pipe = redis::pipe();
@@ -359,17 +353,22 @@ impl RedisMap {
                     }
                 }
                 Err(e) => {
-                    for (r, _) in &jobs {
-                        self.cache.mark_unsynced(r.key, r.backend, now);
-                    }
-                    Metrics::get()
-                        .refreshes
-                        .with_label_values(&["failed"])
-                        .inc_by(jobs.len() as u64);
+                    self.refreshes_failed(&jobs, now);
                     self.mark_down(&e);
                 }
             }
         }
+    }
+
+    /// Refreshes that did not reach Redis: their pins are written on a later request.
+    fn refreshes_failed(&self, jobs: &[(Refresh, Arc<str>)], now: u64) {
+        for (r, _) in jobs {
+            self.cache.mark_unsynced(r.key, r.backend, now);
+        }
+        Metrics::get()
+            .refreshes
+            .with_label_values(&["failed"])
+            .inc_by(jobs.len() as u64);
     }
 
     /// Bring the cache in line with one refresh reply; returns the outcome label.

@@ -9,6 +9,15 @@ use tether::config::KeySource;
 
 use super::{Backend, RedisServer};
 
+/// Three test backends named a, b and c.
+pub async fn three_backends() -> (Backend, Backend, Backend) {
+    (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    )
+}
+
 /// The `hash_key` every test config uses, so tests can derive Redis keys themselves.
 pub const TEST_HASH_KEY: &str = "integration-test-hash-key-0123456789";
 /// The insert-cookie secret of the tests that use `insert`.
