@@ -14,6 +14,7 @@
 //! `[server]` and `[admin]`, which the harness writes) so each test says what it runs.
 #![allow(dead_code)]
 
+pub mod rideshare;
 pub mod scenario;
 
 use std::collections::BTreeMap;

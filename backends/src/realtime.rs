@@ -1,0 +1,243 @@
+//! Socket.IO: sockets authenticated by the session cookie, one room per ride (`ride:<id>`),
+//! driver locations and ride status changes broadcast to the ride's room on every instance
+//! (through the Redis adapter; locally in embedded mode).
+//!
+//! Events (client -> server, answered through the ack):
+//! - `joinRide {"rideId"}`: the ride's rider or driver joins its room;
+//!   ack `{"ok": true, "ride": {...}, "instance"}` or `{"ok": false, "error"}`.
+//! - `locationUpdate {"rideId", "lat", "lng"}` (the ride's driver): the room hears
+//!   `location {"rideId", "lat", "lng", "driver", "instance"}`.
+//!
+//! Server -> client: `hello {"name", "role", "instance"}` after connecting, `location`, and
+//! `rideStatus {"rideId", "status", "driver", "rider", "instance"}` (sent by the HTTP handlers).
+//!
+//! Owns the socket handlers and the type-erased emitter the HTTP side uses; the pub/sub driver
+//! is in `pubsub`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Deserialize;
+use serde_json::json;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler as _;
+
+use crate::api::{Role, User, is_party};
+use crate::rides::{Ride, RideStatus, Rides, check_coords};
+use crate::session::{SessionData, Sessions};
+
+/// What the socket handlers need (a Socket.IO state: see `SocketIoBuilder::with_state`).
+#[derive(Clone)]
+pub struct Realtime {
+    pub id: String,
+    pub sessions: Sessions,
+    pub rides: Rides,
+}
+
+/// The room of a ride.
+pub fn room(ride_id: &str) -> String {
+    format!("ride:{ride_id}")
+}
+
+/// The `rideStatus` message for a ride.
+pub fn status_message(ride: &Ride, instance: &str) -> serde_json::Value {
+    json!({
+        "rideId": ride.id,
+        "status": ride.status,
+        "driver": ride.driver,
+        "rider": ride.rider,
+        "instance": instance,
+    })
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Room broadcasts and shutdown, whatever the adapter (so the HTTP side is not generic).
+pub trait RoomEmitter: Send + Sync {
+    /// Emits `event` with `data` to every socket in `room`, on every instance.
+    fn emit(
+        &self,
+        room: String,
+        event: &'static str,
+        data: serde_json::Value,
+    ) -> BoxFuture<'_, Result<(), String>>;
+    /// Disconnects every socket of this instance.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+impl<A: Adapter> RoomEmitter for SocketIo<A> {
+    fn emit(
+        &self,
+        room: String,
+        event: &'static str,
+        data: serde_json::Value,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.to(room)
+                .emit(event, &data)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(SocketIo::close(self))
+    }
+}
+
+/// Registers the handlers of namespace `/` on a Socket.IO instance with the default (local)
+/// adapter.
+pub fn register_local(io: &SocketIo) {
+    io.ns("/", on_connect.with(authenticate));
+}
+
+/// [`register_local`] for the Redis adapter; subscribes to the adapter's channels.
+pub async fn register_redis(io: &SocketIo<crate::RedisAdapter>) -> anyhow::Result<()> {
+    io.ns("/", on_connect.with(authenticate))
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribing to the Socket.IO channels in Redis: {e}"))
+}
+
+/// Why a socket was refused (sent to the client as the `connect_error` message).
+#[derive(Debug, thiserror::Error)]
+enum AuthError {
+    #[error("not logged in: POST /login first, then connect with the rs.sid cookie")]
+    NotLoggedIn,
+    #[error("session store unavailable, try again")]
+    Unavailable,
+}
+
+/// Connect middleware: the handshake request must carry a valid session cookie of a logged-in
+/// user, who is then kept in the socket's extensions.
+async fn authenticate<A: Adapter>(
+    socket: SocketRef<A>,
+    State(rt): State<Realtime>,
+) -> Result<(), AuthError> {
+    match rt.sessions.load(&socket.req_parts().headers).await {
+        Ok(Some(SessionData {
+            user: Some(user), ..
+        })) => {
+            socket.extensions.insert(user);
+            Ok(())
+        }
+        Ok(_) => Err(AuthError::NotLoggedIn),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a socket's session");
+            Err(AuthError::Unavailable)
+        }
+    }
+}
+
+async fn on_connect<A: Adapter>(
+    socket: SocketRef<A>,
+    Extension(user): Extension<User>,
+    State(rt): State<Realtime>,
+) {
+    tracing::debug!(sid = %socket.id, user = %user.name, "socket connected");
+    let hello = json!({ "name": user.name, "role": user.role, "instance": rt.id });
+    if let Err(e) = socket.emit("hello", &hello) {
+        tracing::debug!(error = %e, "cannot greet socket");
+    }
+    socket.on("joinRide", join_ride);
+    socket.on("locationUpdate", location_update);
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinRide {
+    ride_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LocationUpdate {
+    ride_id: String,
+    lat: f64,
+    lng: f64,
+}
+
+fn nack(ack: AckSender<impl Adapter>, error: &str) {
+    // A client that asked for no ack gets nothing; send() is then a no-op.
+    let _ = ack.send(&json!({ "ok": false, "error": error }));
+}
+
+async fn join_ride<A: Adapter>(
+    socket: SocketRef<A>,
+    Extension(user): Extension<User>,
+    State(rt): State<Realtime>,
+    TryData(req): TryData<JoinRide>,
+    ack: AckSender<A>,
+) {
+    let Ok(req) = req else {
+        return nack(ack, "expected {\"rideId\": \"...\"}");
+    };
+    let ride = match rt.rides.get(&req.ride_id).await {
+        Ok(Some(ride)) => ride,
+        Ok(None) => return nack(ack, "ride not found"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read ride");
+            return nack(ack, "store unavailable, try again");
+        }
+    };
+    if !is_party(&ride, &user) {
+        return nack(ack, "only the ride's rider or driver can join it");
+    }
+    socket.join(room(&ride.id));
+    tracing::debug!(sid = %socket.id, ride = %ride.id, user = %user.name, "joined ride");
+    let _ = ack.send(&json!({ "ok": true, "ride": ride, "instance": rt.id }));
+}
+
+async fn location_update<A: Adapter>(
+    socket: SocketRef<A>,
+    Extension(user): Extension<User>,
+    State(rt): State<Realtime>,
+    TryData(req): TryData<LocationUpdate>,
+    ack: AckSender<A>,
+) {
+    let Ok(req) = req else {
+        return nack(
+            ack,
+            "expected {\"rideId\": \"...\", \"lat\": number, \"lng\": number}",
+        );
+    };
+    if let Err(e) = check_coords(req.lat, req.lng) {
+        return nack(ack, &e);
+    }
+    let ride = match rt.rides.get(&req.ride_id).await {
+        Ok(Some(ride)) => ride,
+        Ok(None) => return nack(ack, "ride not found"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read ride");
+            return nack(ack, "store unavailable, try again");
+        }
+    };
+    if user.role != Role::Driver || ride.driver.as_deref() != Some(user.name.as_str()) {
+        return nack(ack, "only the ride's driver can send its location");
+    }
+    if ride.status != RideStatus::Accepted {
+        return nack(ack, "the ride is not in progress");
+    }
+    let message = json!({
+        "rideId": ride.id,
+        "lat": req.lat,
+        "lng": req.lng,
+        "driver": user.name,
+        "instance": rt.id,
+    });
+    // `within` includes this socket: the driver sees its own position as the room does.
+    match socket
+        .within(room(&ride.id))
+        .emit("location", &message)
+        .await
+    {
+        Ok(()) => {
+            let _ = ack.send(&json!({ "ok": true, "instance": rt.id }));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, ride = %ride.id, "location broadcast failed");
+            nack(ack, "broadcast failed (is Redis down?), try again");
+        }
+    }
+}
