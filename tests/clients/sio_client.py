@@ -159,6 +159,9 @@ class Run:
         self.cond = threading.Condition()
         self.deadline = time.monotonic() + args.timeout
         self.created_ride = None
+        # Set once we start disconnecting: the long-poll still in flight then gets the server's
+        # 400 for a session it just closed, which is the end of the session, not an error.
+        self.closing = False
 
         self.http = requests.Session()
         # Talk to exactly the URL given: no proxy settings from the environment.
@@ -191,8 +194,9 @@ class Run:
                       instance=instance)
         if not 200 <= resp.status_code < 300:
             emit_line("http_error", status=resp.status_code, url=resp.url, instance=instance,
-                      body=resp.text)
-            self.error(f"socket.io HTTP {resp.status_code}: {resp.text}")
+                      body=resp.text, closing=self.closing)
+            if not self.closing:
+                self.error(f"socket.io HTTP {resp.status_code}: {resp.text}")
 
     def on_connect(self):
         emit_line("connected", sid=self.sio.get_sid(), transport=self.sio.transport())
@@ -389,6 +393,7 @@ class Run:
         sid = self.sio.get_sid() if self.sio.connected else None
 
         def disconnect():
+            self.closing = True
             try:
                 self.sio.disconnect()
             except Exception:  # already gone

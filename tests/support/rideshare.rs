@@ -41,6 +41,9 @@ pub struct Rideshare {
     addr: std::net::SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// With [`Rideshare::start_killable`]: the instance's own runtime, whose shutdown drops every
+    /// task of the instance (listener, connections, Redis) at once, as a killed process would.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Rideshare {
@@ -61,20 +64,61 @@ impl Rideshare {
     /// Binds `127.0.0.1:0`, serves `config`, and waits until `/healthz` answers 200. Panics with
     /// serve's error if it fails to start.
     pub async fn start_with(config: ::rideshare::Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding rideshare on 127.0.0.1:0");
-        let addr = listener.local_addr().expect("rideshare local_addr");
+        Self::start_on(config, None).await
+    }
+
+    /// [`Rideshare::start`] on a runtime of its own, so that [`Rideshare::kill`] can end it the
+    /// way SIGKILL ends a process: no graceful shutdown, every connection dropped.
+    pub async fn start_killable(id: &str, redis: Option<&RedisServer>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("building a runtime for a killable rideshare");
+        Self::start_on(Self::config(id, redis), Some(runtime)).await
+    }
+
+    /// Kills an instance started with [`Rideshare::start_killable`]: its runtime is shut down,
+    /// which drops the listener and every open connection without a response.
+    pub fn kill(&mut self) {
+        let runtime = self
+            .runtime
+            .take()
+            .unwrap_or_else(|| panic!("rideshare {} was not started killable", self.id));
+        self.task.take();
+        runtime.shutdown_background();
+    }
+
+    async fn start_on(
+        config: ::rideshare::Config,
+        runtime: Option<tokio::runtime::Runtime>,
+    ) -> Self {
+        let std_listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("binding rideshare on 127.0.0.1:0");
+        std_listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let addr = std_listener.local_addr().expect("rideshare local_addr");
         let id = config.id.clone();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(::rideshare::serve(listener, config, async move {
-            let _ = rx.await;
-        }));
+        let serve = async move {
+            // Registered with the runtime that runs it.
+            let listener = TcpListener::from_std(std_listener)?;
+            ::rideshare::serve(listener, config, async move {
+                let _ = rx.await;
+            })
+            .await
+        };
+        let task = match &runtime {
+            Some(rt) => rt.spawn(serve),
+            None => tokio::spawn(serve),
+        };
         let mut instance = Rideshare {
             id,
             addr,
             shutdown: Some(tx),
             task: Some(task),
+            runtime,
         };
         let http = client();
         let health = instance.url("/healthz");
@@ -166,6 +210,9 @@ impl Drop for Rideshare {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
