@@ -7,15 +7,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::config::{BackendSettings, UpstreamSettings};
-use crate::metrics::{Metrics, STATUS_CLASSES};
+use crate::metrics::{Metrics, Reassign, STATUS_CLASSES};
 
 /// Milliseconds since this process started: a cheap monotonic clock for ejection and cache ages.
 pub fn now_ms() -> u64 {
@@ -72,20 +73,59 @@ impl Interner {
     }
 }
 
+/// Operator state of a backend, set through the admin API and shared by every instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// Takes new sessions and keeps its pins.
+    Enabled,
+    /// Keeps its pins, takes no new sessions; with a deadline (wall-clock ms since the Unix
+    /// epoch), its pins move once it has passed.
+    Draining { deadline_ms: Option<u64> },
+    /// Takes nothing: its pins move on their next request.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining { .. } => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (wall clock): drain deadlines are shared between instances.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// One backend and its live state.
 pub struct Backend {
     pub id: Arc<str>,
     pub key: BackendKey,
     pub address_text: String,
     pub addr: SocketAddr,
-    pub weight: u32,
     /// A stable hash of the id, the backend's share in rendezvous hashing.
     pub id_hash: u64,
-    /// The peer every request to this backend starts from (timeouts filled in).
-    peer: HttpPeer,
+    /// Changed in place by a reload.
+    weight: AtomicU32,
+    /// The peer every request to this backend starts from (timeouts filled in); swapped by a
+    /// reload that changes timeouts.
+    peer: ArcSwap<HttpPeer>,
     active: AtomicUsize,
     /// [`now_ms`] until which the backend is ejected; 0 = never ejected.
     ejected_until_ms: AtomicU64,
+    /// Active health: up until `fall` consecutive failed checks, down until `rise` successes.
+    healthy: AtomicBool,
+    check_successes: AtomicU32,
+    check_failures: AtomicU32,
+    /// [`AdminState`], encoded: 0 enabled, 1 draining, 2 disabled.
+    admin: AtomicU8,
+    /// Drain deadline in [`unix_ms`]; 0 = none.
+    drain_deadline_ms: AtomicU64,
     pub stats: BackendStats,
 }
 
@@ -98,24 +138,33 @@ pub struct BackendStats {
     pub duration: prometheus::Histogram,
 }
 
+fn peer_for(s: &BackendSettings, upstream: &UpstreamSettings) -> HttpPeer {
+    let mut peer = HttpPeer::new(s.address, false, String::new());
+    peer.options.connection_timeout = Some(upstream.connect_timeout);
+    peer.options.read_timeout = Some(upstream.read_timeout);
+    peer.options.write_timeout = Some(upstream.write_timeout);
+    peer.options.idle_timeout = Some(upstream.idle_timeout);
+    peer
+}
+
 impl Backend {
     fn new(s: &BackendSettings, key: BackendKey, upstream: &UpstreamSettings) -> Backend {
         let m = Metrics::get();
         let id: Arc<str> = Arc::from(s.id.as_str());
-        let mut peer = HttpPeer::new(s.address, false, String::new());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.read_timeout = Some(upstream.read_timeout);
-        peer.options.write_timeout = Some(upstream.write_timeout);
-        peer.options.idle_timeout = Some(upstream.idle_timeout);
         Backend {
             id_hash: stable_hash(s.id.as_bytes()),
             key,
             address_text: s.address_text.clone(),
             addr: s.address,
-            weight: s.weight,
-            peer,
+            weight: AtomicU32::new(s.weight),
+            peer: ArcSwap::from_pointee(peer_for(s, upstream)),
             active: AtomicUsize::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            check_successes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
+            admin: AtomicU8::new(0),
+            drain_deadline_ms: AtomicU64::new(0),
             stats: BackendStats {
                 requests: STATUS_CLASSES.map(|c| m.requests.with_label_values(&[&*id, c])),
                 active: m.active_requests.with_label_values(&[&*id]),
@@ -129,10 +178,14 @@ impl Backend {
 
     /// A fresh peer for one request.
     pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(self.peer.clone())
+        Box::new(HttpPeer::clone(&self.peer.load()))
     }
 
-    /// Requests in flight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight (an open WebSocket is one).
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -150,9 +203,96 @@ impl Backend {
             .fetch_max(now + for_.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Whether the backend takes requests at `now` (not ejected).
+    /// Whether passive ejection keeps the backend out at `now`.
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Whether active health checks consider the backend up.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend can take requests at `now`: healthy and not ejected.
     pub fn is_up(&self, now: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) <= now
+        self.is_healthy() && !self.is_ejected(now)
+    }
+
+    /// Record one active check; returns the new health when it flips (`rise` consecutive
+    /// successes bring a down backend up, `fall` consecutive failures take an up one down).
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok {
+            self.check_failures.store(0, Ordering::Relaxed);
+            let n = self.check_successes.fetch_add(1, Ordering::Relaxed) + 1;
+            (!self.is_healthy() && n >= rise).then(|| {
+                self.healthy.store(true, Ordering::Relaxed);
+                // Back from the dead: forget a passive ejection from before it went down.
+                self.ejected_until_ms.store(0, Ordering::Relaxed);
+                true
+            })
+        } else {
+            self.check_successes.store(0, Ordering::Relaxed);
+            let n = self.check_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            (self.is_healthy() && n >= fall).then(|| {
+                self.healthy.store(false, Ordering::Relaxed);
+                false
+            })
+        }
+    }
+
+    /// Forget active health: up, with no streak (health checks were turned off). Returns
+    /// whether the backend was down.
+    pub fn reset_health(&self) -> bool {
+        self.check_successes.store(0, Ordering::Relaxed);
+        self.check_failures.store(0, Ordering::Relaxed);
+        !self.healthy.swap(true, Ordering::Relaxed)
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Draining {
+                deadline_ms: Some(self.drain_deadline_ms.load(Ordering::Relaxed))
+                    .filter(|d| *d > 0),
+            },
+            2 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
+    }
+
+    pub fn set_admin_state(&self, state: AdminState) {
+        let (code, deadline) = match state {
+            AdminState::Enabled => (0, 0),
+            AdminState::Draining { deadline_ms } => (1, deadline_ms.unwrap_or(0)),
+            AdminState::Disabled => (2, 0),
+        };
+        self.drain_deadline_ms.store(deadline, Ordering::Relaxed);
+        self.admin.store(code, Ordering::Relaxed);
+    }
+
+    /// Whether new sessions may be assigned here at `now`: up and enabled.
+    pub fn takes_new(&self, now: u64) -> bool {
+        self.is_up(now) && self.admin.load(Ordering::Relaxed) == 0
+    }
+
+    /// Why a pin to this backend must move at `now` (monotonic) / `wall` (Unix ms), if it must.
+    pub fn pin_blocked(&self, now: u64, wall: u64) -> Option<Reassign> {
+        if !self.is_up(now) {
+            return Some(Reassign::Down);
+        }
+        match self.admin_state() {
+            AdminState::Enabled => None,
+            AdminState::Draining {
+                deadline_ms: Some(d),
+            } if wall >= d => Some(Reassign::DrainDeadline),
+            AdminState::Draining { .. } => None,
+            AdminState::Disabled => Some(Reassign::Disabled),
+        }
+    }
+
+    /// Apply a reloaded configuration of the same backend (same id and address).
+    fn reconfigure(&self, s: &BackendSettings, upstream: &UpstreamSettings) {
+        self.weight.store(s.weight, Ordering::Relaxed);
+        self.peer.store(Arc::new(peer_for(s, upstream)));
     }
 }
 
@@ -189,9 +329,32 @@ impl BackendSet {
         upstream: &UpstreamSettings,
         interner: &Interner,
     ) -> BackendSet {
+        Self::reloaded(settings, upstream, interner, None)
+    }
+
+    /// The set for `settings`, keeping the live state (in-flight count, health, ejection,
+    /// admin state) of every backend of `previous` whose id and address are unchanged.
+    pub fn reloaded(
+        settings: &[BackendSettings],
+        upstream: &UpstreamSettings,
+        interner: &Interner,
+        previous: Option<&BackendSet>,
+    ) -> BackendSet {
         let list: Vec<Arc<Backend>> = settings
             .iter()
-            .map(|s| Arc::new(Backend::new(s, interner.intern(&s.id), upstream)))
+            .map(|s| {
+                let key = interner.intern(&s.id);
+                match previous
+                    .and_then(|p| p.get(key))
+                    .filter(|b| b.addr == s.address)
+                {
+                    Some(b) => {
+                        b.reconfigure(s, upstream);
+                        b.clone()
+                    }
+                    None => Arc::new(Backend::new(s, key, upstream)),
+                }
+            })
             .collect();
         let mut slots = Vec::new();
         for (i, b) in list.iter().enumerate() {

@@ -25,6 +25,8 @@ pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 5;
 pub const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 /// Default idle connections kept per upstream pool.
 pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: u64 = 128;
+/// Default path of the socket a new tether (`run -u`) takes the listeners over from.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/tether_upgrade.sock";
 /// Default admin listener: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default TCP connect timeout to a backend.
@@ -56,6 +58,18 @@ pub const DEFAULT_KEY_PREFIX: &str = "tether:";
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 200;
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u64 = 1;
+/// Default active health check path.
+pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// Default status an active health check expects.
+pub const DEFAULT_HEALTH_STATUS: u64 = 200;
+/// Default time between two checks of one backend.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
+/// Default limit on one check (connect, request, response head).
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1_000;
+/// Default consecutive successes that bring a down backend up.
+pub const DEFAULT_HEALTH_RISE: u64 = 2;
+/// Default consecutive failures that take an up backend down.
+pub const DEFAULT_HEALTH_FALL: u64 = 3;
 /// Shortest secret accepted for the key hash and cookie signatures.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -63,6 +77,8 @@ pub const MIN_SECRET_BYTES: usize = 16;
 pub const ENV_HASH_KEY: &str = "TETHER_HASH_KEY";
 /// Environment variable overriding `affinity.insert.secrets` (comma-separated).
 pub const ENV_INSERT_SECRETS: &str = "TETHER_INSERT_SECRETS";
+/// Environment variable overriding `admin.token`.
+pub const ENV_ADMIN_TOKEN: &str = "TETHER_ADMIN_TOKEN";
 /// Environment variable overriding `redis.url`.
 pub const ENV_REDIS_URL: &str = "TETHER_REDIS_URL";
 
@@ -75,7 +91,25 @@ pub struct Config {
     pub affinity: AffinitySettings,
     /// `None`: the map is kept in process (one instance only).
     pub redis: Option<RedisSettings>,
+    /// `None`: no active health checks (passive ejection only).
+    pub health: Option<HealthSettings>,
     pub backends: Vec<BackendSettings>,
+}
+
+/// Active HTTP health checks, the same for every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Request path (and query), e.g. `/healthz`.
+    pub path: String,
+    /// `Host` header of the check; the backend's address when `None`.
+    pub host: Option<String>,
+    pub expected_status: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -85,11 +119,26 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
     pub upstream_keepalive_pool: usize,
+    /// Unix socket a new tether started with `run -u` takes the listeners over from.
+    pub upgrade_sock: PathBuf,
+    /// One structured log line per request (target `tether::access`).
+    pub access_log: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// Bearer token every admin request must carry (`/healthz` and `/readyz` excepted).
+    pub token: Option<Secret>,
+}
+
+impl fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +317,7 @@ pub struct EnvOverrides {
     pub hash_key: Option<String>,
     pub insert_secrets: Option<String>,
     pub redis_url: Option<String>,
+    pub admin_token: Option<String>,
 }
 
 impl EnvOverrides {
@@ -278,6 +328,7 @@ impl EnvOverrides {
             hash_key: get(ENV_HASH_KEY),
             insert_secrets: get(ENV_INSERT_SECRETS),
             redis_url: get(ENV_REDIS_URL),
+            admin_token: get(ENV_ADMIN_TOKEN),
         }
     }
 }
@@ -432,7 +483,20 @@ mod file {
         pub upstream: Option<Upstream>,
         pub affinity: Option<Spanned<Affinity>>,
         pub redis: Option<Spanned<Redis>>,
+        pub health: Option<Spanned<Health>>,
         pub backend: Option<Vec<Spanned<Backend>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Health {
+        pub path: Option<Spanned<String>>,
+        pub host: Option<Spanned<String>>,
+        pub expected_status: Option<Spanned<u64>>,
+        pub interval_ms: Option<Spanned<u64>>,
+        pub timeout_ms: Option<Spanned<u64>>,
+        pub rise: Option<Spanned<u64>>,
+        pub fall: Option<Spanned<u64>>,
     }
 
     #[derive(Deserialize)]
@@ -443,12 +507,15 @@ mod file {
         pub grace_period_secs: Option<Spanned<u64>>,
         pub graceful_shutdown_timeout_secs: Option<Spanned<u64>>,
         pub upstream_keepalive_pool: Option<Spanned<u64>>,
+        pub upgrade_sock: Option<Spanned<String>>,
+        pub access_log: Option<bool>,
     }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Admin {
         pub listen: Option<Spanned<String>>,
+        pub token: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -505,10 +572,11 @@ mod file {
 
 fn validate(f: file::FileConfig, env: &EnvOverrides, d: &mut Diags) -> Option<Config> {
     let server = validate_server(f.server, d);
-    let admin = validate_admin(f.admin, &server, d);
+    let admin = validate_admin(f.admin, env, &server, d);
     let upstream = validate_upstream(f.upstream, d);
     let redis = validate_redis(f.redis, env, d);
     let affinity = validate_affinity(f.affinity, env, redis.is_some(), d);
+    let health = f.health.and_then(|h| validate_health(h, d));
     let backends = validate_backends(f.backend, d);
     Some(Config {
         server: server?,
@@ -516,6 +584,7 @@ fn validate(f: file::FileConfig, env: &EnvOverrides, d: &mut Diags) -> Option<Co
         upstream,
         affinity: affinity?,
         redis,
+        health,
         backends: backends?,
     })
 }
@@ -576,21 +645,63 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         0,
         65_536,
     ) as usize;
+    let upgrade_sock = match &s.upgrade_sock {
+        None => PathBuf::from(DEFAULT_UPGRADE_SOCK),
+        Some(p) if p.get_ref().starts_with('/') && p.get_ref().len() < 100 => {
+            PathBuf::from(p.get_ref())
+        }
+        Some(p) => {
+            d.at(
+                p.span(),
+                "`upgrade_sock` must be an absolute path shorter than 100 bytes (a unix socket)",
+            );
+            PathBuf::from(DEFAULT_UPGRADE_SOCK)
+        }
+    };
     (!listen.is_empty()).then(|| ServerSettings {
         listen,
         threads,
         grace_period: Duration::from_secs(grace),
         graceful_shutdown_timeout: Duration::from_secs(shutdown),
         upstream_keepalive_pool: pool,
+        upgrade_sock,
+        access_log: s.access_log.unwrap_or(true),
     })
 }
 
 fn validate_admin(
     a: Option<file::Admin>,
+    env: &EnvOverrides,
     server: &Option<ServerSettings>,
     d: &mut Diags,
 ) -> Option<AdminSettings> {
-    let listen = match a.and_then(|a| a.listen) {
+    let (listen, token) = match a {
+        Some(a) => (a.listen, a.token),
+        None => (None, None),
+    };
+    let token = match (&env.admin_token, token) {
+        (Some(t), _) if t.len() < MIN_SECRET_BYTES => {
+            d.global(format!(
+                "{ENV_ADMIN_TOKEN} is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                t.len()
+            ));
+            None
+        }
+        (Some(t), _) => Some(Secret::new(t.clone().into_bytes())),
+        (None, Some(t)) if t.get_ref().len() < MIN_SECRET_BYTES => {
+            d.at(
+                t.span(),
+                format!(
+                    "`token` is {} bytes: at least {MIN_SECRET_BYTES} are needed",
+                    t.get_ref().len()
+                ),
+            );
+            None
+        }
+        (None, Some(t)) => Some(Secret::new(t.into_inner().into_bytes())),
+        (None, None) => None,
+    };
+    let listen = match listen {
         None => DEFAULT_ADMIN_LISTEN
             .parse()
             .expect("default admin address parses"),
@@ -619,7 +730,80 @@ fn validate_admin(
             }
         },
     };
-    Some(AdminSettings { listen })
+    Some(AdminSettings { listen, token })
+}
+
+fn validate_health(h: Spanned<file::Health>, d: &mut Diags) -> Option<HealthSettings> {
+    let h = h.into_inner();
+    let path = match h.path {
+        None => DEFAULT_HEALTH_PATH.to_string(),
+        Some(p)
+            if p.get_ref().starts_with('/')
+                && http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_ok() =>
+        {
+            p.into_inner()
+        }
+        Some(p) => {
+            d.at(
+                p.span(),
+                format!(
+                    "health `path` `{}` must be a path starting with /",
+                    p.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    let host = match h.host {
+        None => None,
+        Some(v) if http::HeaderValue::from_str(v.get_ref()).is_ok() && !v.get_ref().is_empty() => {
+            Some(v.into_inner())
+        }
+        Some(v) => {
+            d.at(v.span(), "health `host` must be a valid Host header value");
+            return None;
+        }
+    };
+    let status = d.range(
+        &h.expected_status,
+        "expected_status",
+        DEFAULT_HEALTH_STATUS,
+        100,
+        599,
+    );
+    let interval = d.range(
+        &h.interval_ms,
+        "interval_ms",
+        DEFAULT_HEALTH_INTERVAL_MS,
+        100,
+        3_600_000,
+    );
+    let timeout = d.range(
+        &h.timeout_ms,
+        "timeout_ms",
+        DEFAULT_HEALTH_TIMEOUT_MS,
+        1,
+        60_000,
+    );
+    if let Some(t) = &h.timeout_ms
+        && timeout > interval
+    {
+        d.at(
+            t.span(),
+            format!("health `timeout_ms` ({timeout}) must not exceed `interval_ms` ({interval})"),
+        );
+    }
+    let rise = d.range(&h.rise, "rise", DEFAULT_HEALTH_RISE, 1, 100);
+    let fall = d.range(&h.fall, "fall", DEFAULT_HEALTH_FALL, 1, 100);
+    Some(HealthSettings {
+        path,
+        host,
+        expected_status: status as u16,
+        interval: Duration::from_millis(interval),
+        timeout: Duration::from_millis(timeout),
+        rise: rise as u32,
+        fall: fall as u32,
+    })
 }
 
 fn validate_upstream(u: Option<file::Upstream>, d: &mut Diags) -> UpstreamSettings {
@@ -1262,6 +1446,7 @@ address = "127.0.0.1:3001"
             hash_key: Some("0123456789abcdef-env".into()),
             redis_url: Some("redis://127.0.0.1:2/".into()),
             insert_secrets: None,
+            admin_token: None,
         };
         let c = Config::parse(Path::new("t.toml"), &text, &env).expect("valid");
         assert_eq!(c.redis.unwrap().url, "redis://127.0.0.1:2/");

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match tether::server::run(cfg, upgrade) {
+            match tether::server::run(cfg, &config, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tether: {e:#}");

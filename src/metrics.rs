@@ -30,6 +30,11 @@ pub mod names {
     pub const REDIS_UP: &str = "tether_redis_up";
     pub const REDIS_ERRORS: &str = "tether_redis_errors_total";
     pub const REDIS_DURATION: &str = "tether_redis_command_duration_seconds";
+    pub const RELOADS: &str = "tether_config_reloads_total";
+    pub const BACKEND_UP: &str = "tether_backend_up";
+    pub const BACKEND_STATE: &str = "tether_backend_state";
+    pub const PINNED_SESSIONS: &str = "tether_backend_pinned_sessions";
+    pub const HEALTH_CHECKS: &str = "tether_health_checks_total";
 }
 
 /// HTTP status classes used as the `class` label of [`names::REQUESTS`].
@@ -73,12 +78,19 @@ impl Lookup {
 /// Why a pinned key moved to another backend, the `reason` label of [`names::REASSIGNMENTS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reassign {
-    /// The pinned backend is ejected (it failed a connect recently).
+    /// The pinned backend is down: failing active health checks, or ejected after a connect
+    /// failure.
     Down,
     /// The pin names a backend that is not configured (or a value tether cannot read).
     Removed,
     /// Connecting to the pinned backend failed during this request.
     ConnectFailure,
+    /// The pinned backend was disabled by an operator.
+    Disabled,
+    /// The pinned backend was draining and its drain deadline passed.
+    DrainDeadline,
+    /// An operator removed the pin (`DELETE /api/affinity/...`).
+    Unpinned,
 }
 
 impl Reassign {
@@ -87,6 +99,9 @@ impl Reassign {
             Reassign::Down => "down",
             Reassign::Removed => "removed",
             Reassign::ConnectFailure => "connect_failure",
+            Reassign::Disabled => "disabled",
+            Reassign::DrainDeadline => "drain_deadline",
+            Reassign::Unpinned => "unpinned",
         }
     }
 }
@@ -111,6 +126,11 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub redis_errors: IntCounter,
     pub redis_duration: Histogram,
+    pub reloads: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_state: IntGaugeVec,
+    pub pinned_sessions: IntGaugeVec,
+    pub health_checks: IntCounterVec,
 }
 
 impl Metrics {
@@ -196,6 +216,31 @@ impl Metrics {
             redis_duration: register_histogram!(
                 HistogramOpts::new(REDIS_DURATION, "Redis command round trips on the request path")
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
+            )
+            .expect(OK),
+            reloads: register_int_counter_vec!(
+                Opts::new(RELOADS, "Configuration reloads (SIGHUP or POST /api/reload), by result: ok, failed"),
+                &["result"]
+            )
+            .expect(OK),
+            backend_up: register_int_gauge_vec!(
+                Opts::new(BACKEND_UP, "1 while a backend passes health checks and is not ejected"),
+                &["backend"]
+            )
+            .expect(OK),
+            backend_state: register_int_gauge_vec!(
+                Opts::new(BACKEND_STATE, "1 for a backend's operator state: enabled, draining or disabled"),
+                &["backend", "state"]
+            )
+            .expect(OK),
+            pinned_sessions: register_int_gauge_vec!(
+                Opts::new(PINNED_SESSIONS, "Sessions pinned to a backend in Redis (approximate, counted at scrape)"),
+                &["backend"]
+            )
+            .expect(OK),
+            health_checks: register_int_counter_vec!(
+                Opts::new(HEALTH_CHECKS, "Active health checks by backend and result: ok, failed"),
+                &["backend", "result"]
             )
             .expect(OK),
         }

@@ -13,120 +13,49 @@
 //! - No backend configured or none left to try: 502/503 from Pingora's error path.
 //! - Malformed keys: ignored as absent, counted in `tether_invalid_keys_total`.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
-use crate::affinity::cache::{Pin, PinCache};
 use crate::affinity::cookie::parse_set_cookie;
-use crate::affinity::redis::{Assigned, RedisMap, decode_pin, encode_pin};
-use crate::affinity::{
-    Extractor, InsertKey, KeyHash, KeyHasher, SessionKey, engine_io_sid, is_engine_io_handshake,
-};
-use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, Interner, now_ms};
-use crate::config::{Config, KeySource, Policy};
+use crate::affinity::redis::{Assigned, decode_pin, encode_pin};
+use crate::affinity::{InsertKey, KeyHash, SessionKey, engine_io_sid, is_engine_io_handshake};
+use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, now_ms, unix_ms};
 use crate::metrics::{Lookup, Metrics, Reassign, status_class};
 use crate::selection;
+use crate::state::{Live, State, TunnelGuard};
 use bytes::Bytes;
 
-/// Everything the request path and the admin listener share.
-pub struct State {
-    pub backends: ArcSwap<BackendSet>,
-    pub interner: Arc<Interner>,
-    pub extractor: Extractor,
-    pub cache: Arc<PinCache>,
-    /// `None`: the map is in process (the cache is the whole map).
-    pub redis: Option<Arc<RedisMap>>,
-    pub policy: Policy,
-    passive_eject: Duration,
-    connect_retries: usize,
-    tunnel_timeout: Duration,
-    /// `(source index, cookie name)` of every `cookie:<name>` source: learned from Set-Cookie.
-    learned_cookies: Vec<(usize, Vec<u8>)>,
-    /// Index of the `query:sid` source: Engine.IO handshakes teach its pins.
-    engine_io_source: Option<usize>,
-    /// Keys with an upgraded connection (WebSocket) open through this instance.
-    pub tunnels: Arc<Tunnels>,
-}
-
 impl State {
-    /// Build the shared state; connects to Redis when configured (on the current runtime, which
-    /// must outlive the state: the refresher and prober run there).
-    pub async fn build(config: &Config) -> anyhow::Result<State> {
-        let a = &config.affinity;
-        let interner = Arc::new(Interner::default());
-        let backends = BackendSet::new(&config.backends, &config.upstream, &interner);
-        let hasher = match &a.hash_key {
-            Some(k) => KeyHasher::new(k.expose()),
-            None => KeyHasher::random(),
-        };
-        let ttl_ms = a.ttl.as_millis() as u64;
-        let cache = Arc::new(PinCache::new(a.cache_entries, ttl_ms));
-        let redis = match &config.redis {
-            Some(r) => Some(RedisMap::start(r, a.ttl, cache.clone(), interner.clone()).await?),
-            None => {
-                warn!(
-                    "no [redis] section: the session map is kept in this process only; run a single tether instance, pins are lost on restart"
-                );
-                None
-            }
-        };
-        let learned_cookies = a
-            .sources
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s {
-                KeySource::Cookie(name) => Some((i, name.as_bytes().to_vec())),
-                _ => None,
-            })
-            .collect();
-        Ok(State {
-            backends: ArcSwap::from_pointee(backends),
-            interner,
-            extractor: Extractor::new(a, hasher),
-            cache,
-            redis,
-            policy: a.policy,
-            passive_eject: config.upstream.passive_eject,
-            connect_retries: config.upstream.connect_retries,
-            tunnel_timeout: config.upstream.tunnel_timeout,
-            learned_cookies,
-            engine_io_source: a
-                .sources
-                .iter()
-                .position(|s| *s == KeySource::Query("sid".into())),
-            tunnels: Arc::default(),
-        })
-    }
-
     /// The backend for a keyed request's first attempt.
-    async fn resolve(&self, set: &BackendSet, key: &SessionKey, now: u64) -> Option<Arc<Backend>> {
+    async fn resolve(&self, live: &Live, key: &SessionKey, now: u64) -> Option<Arc<Backend>> {
+        let set = &live.backends;
+        let policy = live.policy();
         let m = Metrics::get();
         if let Some(pin) = self.cache.get(key.hash, now) {
-            return match set.get(pin.backend) {
-                Some(b) if b.is_up(now) => {
+            let Some(b) = set.get(pin.backend) else {
+                let expected = encode_pin(&self.interner.name(pin.backend));
+                return self
+                    .reassign(live, key, Some(expected), Reassign::Removed, &[], now)
+                    .await;
+            };
+            return match b.pin_blocked(now, unix_ms()) {
+                None => {
                     m.lookup(Lookup::Cache);
                     if self.cache.refresh_due(&pin, now) {
                         self.refresh(key.hash, &pin, now);
                     }
                     Some(b.clone())
                 }
-                Some(b) => {
+                Some(reason) => {
                     let expected = encode_pin(&b.id);
-                    self.reassign(set, key, Some(expected), Reassign::Down, &[], now)
-                        .await
-                }
-                None => {
-                    let expected = encode_pin(&self.interner.name(pin.backend));
-                    self.reassign(set, key, Some(expected), Reassign::Removed, &[], now)
+                    self.reassign(live, key, Some(expected), reason, &[], now)
                         .await
                 }
             };
@@ -135,25 +64,23 @@ impl State {
         let hint = self.usable_hint(set, key, &[], now);
         let Some(redis) = &self.redis else {
             // In process: the cache is the map, and it has no pin.
-            let b = hint.or_else(|| selection::pick(set, self.policy, Some(key.hash), &[], now))?;
+            let b = hint.or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
             self.cache.put(key.hash, b.key, now, true);
             m.lookup(Lookup::Miss);
-            m.assignments
-                .with_label_values(&[self.policy.as_str()])
-                .inc();
+            m.assignments.with_label_values(&[policy.as_str()]).inc();
             return Some(b);
         };
         if redis.is_up() {
             let candidate = hint
                 .clone()
-                .or_else(|| selection::pick(set, self.policy, Some(key.hash), &[], now))?;
+                .or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
             match redis.assign(key.hash, &candidate.id).await {
                 Ok(Assigned::Won) => {
                     self.cache.put(key.hash, candidate.key, now, true);
+                    // Counted in the backend's session set off the request path.
+                    redis.refresh(key.hash, candidate.key);
                     m.lookup(Lookup::Miss);
-                    m.assignments
-                        .with_label_values(&[self.policy.as_str()])
-                        .inc();
+                    m.assignments.with_label_values(&[policy.as_str()]).inc();
                     return Some(candidate);
                 }
                 Ok(Assigned::Existing(raw)) => {
@@ -161,21 +88,19 @@ impl State {
                     let pinned = decode_pin(&raw)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k));
-                    return match pinned {
-                        Some(b) if b.is_up(now) => {
+                    let Some(b) = pinned else {
+                        return self
+                            .reassign(live, key, Some(raw), Reassign::Removed, &[], now)
+                            .await;
+                    };
+                    return match b.pin_blocked(now, unix_ms()) {
+                        None => {
                             self.cache.put(key.hash, b.key, now, true);
                             // SET NX did not touch the TTL: slide it now, off the request path.
                             redis.refresh(key.hash, b.key);
                             Some(b.clone())
                         }
-                        Some(_) => {
-                            self.reassign(set, key, Some(raw), Reassign::Down, &[], now)
-                                .await
-                        }
-                        None => {
-                            self.reassign(set, key, Some(raw), Reassign::Removed, &[], now)
-                                .await
-                        }
+                        Some(reason) => self.reassign(live, key, Some(raw), reason, &[], now).await,
                     };
                 }
                 Err(e) => debug!(key = %key.hash, error = %e, "redis lookup failed; failing open"),
@@ -200,7 +125,7 @@ impl State {
         Some(b)
     }
 
-    /// The backend named by a presented insert cookie, if it can take the request.
+    /// The backend named by a presented insert cookie, if a pin to it would hold.
     fn usable_hint(
         &self,
         set: &BackendSet,
@@ -212,7 +137,7 @@ impl State {
             return None;
         };
         let b = set.get(self.interner.lookup(hint)?)?;
-        (b.is_up(now) && !exclude.contains(&b.key)).then(|| b.clone())
+        (b.pin_blocked(now, unix_ms()).is_none() && !exclude.contains(&b.key)).then(|| b.clone())
     }
 
     /// Move `key` off its pinned backend: choose again (skipping `exclude`) and compare-and-set
@@ -220,16 +145,18 @@ impl State {
     /// first, adopt its choice when usable.
     async fn reassign(
         &self,
-        set: &BackendSet,
+        live: &Live,
         key: &SessionKey,
         expected: Option<String>,
         reason: Reassign,
         exclude: &[BackendKey],
         now: u64,
     ) -> Option<Arc<Backend>> {
+        let set = &live.backends;
+        let policy = live.policy();
         let m = Metrics::get();
         let Some(redis) = self.redis.as_deref() else {
-            let b = selection::pick(set, self.policy, Some(key.hash), exclude, now)?;
+            let b = selection::pick(set, policy, Some(key.hash), exclude, now)?;
             self.cache.put(key.hash, b.key, now, true);
             m.reassignments.with_label_values(&[reason.as_str()]).inc();
             return Some(b);
@@ -243,7 +170,7 @@ impl State {
             }
             let candidate = self
                 .usable_hint(set, key, exclude, now)
-                .or_else(|| selection::pick(set, self.policy, Some(key.hash), exclude, now))?;
+                .or_else(|| selection::pick(set, policy, Some(key.hash), exclude, now))?;
             match redis
                 .compare_and_set(key.hash, expected.as_deref(), &candidate.id)
                 .await
@@ -258,7 +185,9 @@ impl State {
                     let theirs = decode_pin(&current)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k))
-                        .filter(|b| b.is_up(now) && !exclude.contains(&b.key));
+                        .filter(|b| {
+                            b.pin_blocked(now, unix_ms()).is_none() && !exclude.contains(&b.key)
+                        });
                     if let Some(b) = theirs {
                         self.cache.put(key.hash, b.key, now, true);
                         return Some(b.clone());
@@ -274,40 +203,6 @@ impl State {
         m.reassignments.with_label_values(&[reason.as_str()]).inc();
         let hint = self.usable_hint(set, key, exclude, now);
         self.fail_open(set, key, hint, exclude, now)
-    }
-
-    /// Slide a pin's TTL: locally now, in Redis off the request path.
-    fn refresh(&self, key: KeyHash, pin: &Pin, now: u64) {
-        match self.redis.as_deref() {
-            Some(redis) if redis.is_up() => {
-                self.cache.put(key, pin.backend, now, true);
-                redis.refresh(key, pin.backend);
-            }
-            // Without Redis the cache is the map: sliding it is the whole refresh.
-            None => self.cache.put(key, pin.backend, now, true),
-            // Redis down: keep the pin alive here (at the same pace) and written when it returns.
-            Some(_) => {
-                if now.saturating_sub(pin.refreshed_ms) >= self.cache.ttl_ms() / 4 {
-                    self.cache.put(key, pin.backend, now, false);
-                }
-            }
-        }
-    }
-
-    /// Background task: while a WebSocket keyed by a pin is open through this instance, slide the
-    /// pin every ttl/4 so that it cannot expire under an idle but open connection.
-    pub async fn keep_tunnel_pins_alive(self: Arc<Self>) {
-        let every = Duration::from_millis((self.cache.ttl_ms() / 4).max(250));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = now_ms();
-            for (key, backend) in self.tunnels.keys() {
-                let stale = Pin::new(key, backend, 0, true);
-                self.refresh(key, &stale, now);
-            }
-        }
     }
 
     /// Pin `key` to `backend` now, as learned from a response body. Body filters are synchronous,
@@ -346,8 +241,14 @@ impl State {
     }
 
     /// Record pins from the `Set-Cookie` headers of a response served by `backend`.
-    async fn learn(&self, response: &ResponseHeader, backend: &Backend, current: Option<KeyHash>) {
-        if self.learned_cookies.is_empty() {
+    async fn learn(
+        &self,
+        live: &Live,
+        response: &ResponseHeader,
+        backend: &Backend,
+        current: Option<KeyHash>,
+    ) {
+        if live.learned_cookies.is_empty() {
             return;
         }
         let mut learned: Vec<KeyHash> = Vec::new();
@@ -358,9 +259,9 @@ impl State {
             if c.removal {
                 continue;
             }
-            for (source, name) in &self.learned_cookies {
-                if c.name == name.as_slice() && c.value.len() <= self.extractor.max_key_bytes() {
-                    let h = self.extractor.hash_for(*source, c.value);
+            for (source, name) in &live.learned_cookies {
+                if c.name == name.as_slice() && c.value.len() <= live.extractor.max_key_bytes() {
+                    let h = live.extractor.hash_for(*source, c.value);
                     if Some(h) != current && !learned.contains(&h) {
                         learned.push(h);
                     }
@@ -381,63 +282,6 @@ impl State {
     }
 }
 
-/// Upgraded connections open through this instance, by key.
-#[derive(Default)]
-pub struct Tunnels {
-    open: Mutex<HashMap<KeyHash, (BackendKey, usize)>>,
-}
-
-impl Tunnels {
-    /// Register an upgraded connection to `backend` (for `key`, if it has one) until the guard
-    /// drops.
-    fn open(self: &Arc<Self>, key: Option<KeyHash>, backend: Arc<Backend>) -> TunnelGuard {
-        backend.stats.websockets.inc();
-        if let Some(k) = key {
-            let mut open = self.open.lock().expect("tunnels lock is never poisoned");
-            let entry = open.entry(k).or_insert((backend.key, 0));
-            entry.0 = backend.key;
-            entry.1 += 1;
-        }
-        TunnelGuard {
-            tunnels: self.clone(),
-            key,
-            backend,
-        }
-    }
-
-    /// Keys with an open tunnel and the backend it goes to.
-    pub fn keys(&self) -> Vec<(KeyHash, BackendKey)> {
-        let open = self.open.lock().expect("tunnels lock is never poisoned");
-        open.iter().map(|(k, (b, _))| (*k, *b)).collect()
-    }
-}
-
-/// An open upgraded connection; closing it (dropping the request context) unregisters it.
-pub struct TunnelGuard {
-    tunnels: Arc<Tunnels>,
-    key: Option<KeyHash>,
-    backend: Arc<Backend>,
-}
-
-impl Drop for TunnelGuard {
-    fn drop(&mut self) {
-        self.backend.stats.websockets.dec();
-        if let Some(k) = self.key {
-            let mut open = self
-                .tunnels
-                .open
-                .lock()
-                .expect("tunnels lock is never poisoned");
-            if let Some(entry) = open.get_mut(&k) {
-                entry.1 -= 1;
-                if entry.1 == 0 {
-                    open.remove(&k);
-                }
-            }
-        }
-    }
-}
-
 /// The Pingora proxy.
 pub struct Router {
     pub state: Arc<State>,
@@ -445,6 +289,8 @@ pub struct Router {
 
 /// Per-request state.
 pub struct RequestCtx {
+    /// The configuration this request runs under, start to end, whatever a reload does.
+    live: Arc<Live>,
     key: Option<SessionKey>,
     /// The backend of the current attempt, counted as in flight while held.
     current: Option<ActiveGuard>,
@@ -465,13 +311,12 @@ impl Router {
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
-        set: &BackendSet,
         now: u64,
     ) -> Option<Arc<Backend>> {
         let req = session.req_header();
         let peer_ip = client_ip(session);
-        let extracted = self
-            .state
+        let live = ctx.live.clone();
+        let extracted = live
             .extractor
             .extract(&req.headers, req.uri.query(), peer_ip);
         if let Some(invalid) = extracted.invalid {
@@ -482,10 +327,10 @@ impl Router {
         }
         ctx.key = extracted.key;
         match &ctx.key {
-            Some(key) => self.state.resolve(set, key, now).await,
+            Some(key) => self.state.resolve(&live, key, now).await,
             None => {
                 Metrics::get().lookup(Lookup::None);
-                selection::pick(set, self.state.policy, None, &[], now)
+                selection::pick(&live.backends, live.policy(), None, &[], now)
             }
         }
     }
@@ -504,6 +349,7 @@ impl ProxyHttp for Router {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            live: self.state.live_full(),
             key: None,
             current: None,
             failed: Vec::new(),
@@ -519,9 +365,9 @@ impl ProxyHttp for Router {
         if session.is_upgrade_req() {
             // Pingora's downstream read timeout (60 s) would cut idle WebSockets.
             ctx.upgrade = true;
-            session.set_read_timeout(Some(self.state.tunnel_timeout));
+            session.set_read_timeout(Some(ctx.live.config.upstream.tunnel_timeout));
         }
-        if self.state.engine_io_source.is_some()
+        if ctx.live.engine_io_source.is_some()
             && is_engine_io_handshake(session.req_header().uri.query())
         {
             ctx.engine_io = Some(Vec::new());
@@ -534,21 +380,21 @@ impl ProxyHttp for Router {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let set = self.state.backends.load();
         let now = now_ms();
+        let live = ctx.live.clone();
         let previous = ctx.current.as_ref().map(|g| g.backend().clone());
         let chosen = match previous {
-            None => self.first_choice(session, ctx, &set, now).await,
+            None => self.first_choice(session, ctx, now).await,
             // A retry after a connect failure: move the pin (nothing was sent yet).
             Some(prev) if ctx.failed.contains(&prev.key) => match &ctx.key {
                 Some(key) => {
                     let expected = Some(encode_pin(&prev.id));
                     let failed = ctx.failed.clone();
                     self.state
-                        .reassign(&set, key, expected, Reassign::ConnectFailure, &failed, now)
+                        .reassign(&live, key, expected, Reassign::ConnectFailure, &failed, now)
                         .await
                 }
-                None => selection::pick(&set, self.state.policy, None, &ctx.failed, now),
+                None => selection::pick(&live.backends, live.policy(), None, &ctx.failed, now),
             },
             // A retry after a reused keep-alive connection turned out closed: same backend.
             Some(prev) => Some(prev),
@@ -560,7 +406,7 @@ impl ProxyHttp for Router {
         };
         let mut peer = backend.peer();
         if ctx.upgrade {
-            peer.options.read_timeout = Some(self.state.tunnel_timeout);
+            peer.options.read_timeout = Some(live.config.upstream.tunnel_timeout);
         }
         ctx.current = Some(backend.track());
         Ok(peer)
@@ -576,19 +422,18 @@ impl ProxyHttp for Router {
         let Some(backend) = ctx.current.as_ref().map(|g| g.backend().clone()) else {
             return e;
         };
-        backend.eject(now_ms(), self.state.passive_eject);
+        backend.eject(now_ms(), ctx.live.config.upstream.passive_eject);
         backend.stats.connect_failures.inc();
         if !ctx.failed.contains(&backend.key) {
             ctx.failed.push(backend.key);
         }
-        let others_left = self
-            .state
+        let others_left = ctx
+            .live
             .backends
-            .load()
             .all()
             .iter()
             .any(|b| !ctx.failed.contains(&b.key));
-        if ctx.attempts <= self.state.connect_retries && others_left {
+        if ctx.attempts <= ctx.live.config.upstream.connect_retries && others_left {
             warn!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
             Metrics::get().retries.inc();
             e.set_retry(true);
@@ -632,7 +477,7 @@ impl ProxyHttp for Router {
         };
         if let Some(key) = &ctx.key {
             // Insert mode: set the cookie when minted, or when the pin moved off its hint.
-            let cookie = match (&key.insert, self.state.extractor.insert_cookies()) {
+            let cookie = match (&key.insert, ctx.live.extractor.insert_cookies()) {
                 (Some(InsertKey::Minted { raw }), Some(c)) => {
                     Some(c.set_cookie(raw.as_bytes(), &backend.id))
                 }
@@ -653,7 +498,10 @@ impl ProxyHttp for Router {
             ctx.engine_io = None;
         }
         let current = ctx.key.as_ref().map(|k| k.hash);
-        self.state.learn(upstream_response, &backend, current).await;
+        let live = ctx.live.clone();
+        self.state
+            .learn(&live, upstream_response, &backend, current)
+            .await;
         Ok(())
     }
 
@@ -674,9 +522,9 @@ impl ProxyHttp for Router {
             let found = engine_io_sid(buf).map(<[u8]>::to_vec);
             let backend = ctx.current.as_ref().map(|g| g.backend().clone());
             if let (Some(sid), Some(backend), Some(source)) =
-                (found.as_deref(), backend, self.state.engine_io_source)
+                (found.as_deref(), backend, ctx.live.engine_io_source)
             {
-                let key = self.state.extractor.hash_for(source, sid);
+                let key = ctx.live.extractor.hash_for(source, sid);
                 self.state.learn_now(key, &backend);
                 ctx.engine_io = None;
             } else if end_of_stream || buf.len() >= LOOK_AT {
@@ -703,13 +551,29 @@ impl ProxyHttp for Router {
             }
             _ => {}
         }
-        debug!(
-            key = ?ctx.key.as_ref().map(|k| k.hash),
-            backend = ?backend.as_ref().map(|g| g.backend().id.clone()),
-            status,
-            attempts = ctx.attempts,
-            error = ?e.map(|e| e.etype()),
-            "request"
-        );
+        if ctx.live.config.server.access_log {
+            // One structured line per request. The key is its keyed hash, never the raw
+            // session id; the path is logged without its query (which may carry a sid).
+            let req = session.req_header();
+            let source = ctx
+                .key
+                .as_ref()
+                .and_then(|k| ctx.live.config.affinity.sources.get(k.source))
+                .map(|s| s.to_string());
+            info!(
+                target: "tether::access",
+                client = %client_ip(session).map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+                method = %req.method,
+                path = req.uri.path(),
+                status,
+                backend = backend.as_ref().map_or("-", |g| &*g.backend().id),
+                key = %ctx.key.as_ref().map_or_else(|| "-".to_string(), |k| k.hash.to_string()),
+                source = source.as_deref().unwrap_or("-"),
+                attempts = ctx.attempts,
+                upgraded = ctx.upgrade && status == 101,
+                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                error = ?e.map(|e| e.etype()),
+            );
+        }
     }
 }

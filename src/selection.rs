@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::affinity::KeyHash;
-use crate::backend::{Backend, BackendKey, BackendSet, mix64};
+use crate::backend::{AdminState, Backend, BackendKey, BackendSet, mix64, unix_ms};
 use crate::config::Policy;
+use crate::metrics::Reassign;
 
 /// Pick a backend for a new key (or a keyless request) with `policy`.
 pub fn pick(
@@ -43,17 +44,32 @@ pub fn rendezvous(
     rendezvous_among(set, key, &eligibility(set, exclude, now))
 }
 
-/// Which backends may be chosen: not excluded, and up unless none that is not excluded is up.
+/// Which backends may be chosen, best tier that has any: up and enabled; else up and draining
+/// (drain is a preference, not a refusal); else enabled or draining whatever their health (a
+/// request that may succeed beats a certain 503). Never a disabled or excluded backend.
 fn eligibility<'a>(
     set: &BackendSet,
     exclude: &'a [BackendKey],
     now: u64,
 ) -> impl Fn(&Backend) -> bool + 'a {
-    let up_only = set
-        .all()
-        .iter()
-        .any(|b| b.is_up(now) && !exclude.contains(&b.key));
-    move |b: &Backend| !exclude.contains(&b.key) && (!up_only || b.is_up(now))
+    let wall = unix_ms();
+    let allowed = move |b: &Backend| {
+        !exclude.contains(&b.key) && !matches!(b.pin_blocked(now, wall), Some(Reassign::Disabled))
+    };
+    let tier1 = |b: &Backend| allowed(b) && b.takes_new(now);
+    let tier2 = |b: &Backend| allowed(b) && b.pin_blocked(now, wall).is_none();
+    let tier = if set.all().iter().any(|b| tier1(b)) {
+        1
+    } else if set.all().iter().any(|b| tier2(b)) {
+        2
+    } else {
+        3
+    };
+    move |b: &Backend| match tier {
+        1 => allowed(b) && b.takes_new(now),
+        2 => allowed(b) && b.pin_blocked(now, wall).is_none(),
+        _ => allowed(b) && b.admin_state() != AdminState::Disabled,
+    }
 }
 
 fn rendezvous_among(
@@ -65,7 +81,7 @@ fn rendezvous_among(
     set.all()
         .iter()
         .filter(|b| eligible(b))
-        .map(|b| (rendezvous_score(k, b.id_hash, b.weight), b))
+        .map(|b| (rendezvous_score(k, b.id_hash, b.weight()), b))
         // Ties (practically impossible) go to the smaller id, the same on every instance.
         .max_by(|(sa, a), (sb, b)| sa.total_cmp(sb).then_with(|| b.id.cmp(&a.id)))
         .map(|(_, b)| b.clone())
@@ -95,7 +111,7 @@ fn least_connections(
     eligible: &dyn Fn(&Backend) -> bool,
 ) -> Option<Arc<Backend>> {
     // `a` is less loaded than `b`: active_a / weight_a < active_b / weight_b, without division.
-    let load = |b: &Backend| (b.active() as u64, b.weight as u64);
+    let load = |b: &Backend| (b.active() as u64, b.weight() as u64);
     let less = |(aa, wa): (u64, u64), (ab, wb): (u64, u64)| aa * wb < ab * wa;
     let mut best: Option<(u64, u64)> = None;
     let mut ties = 0usize;
@@ -132,8 +148,9 @@ fn smooth_weighted(set: &BackendSet, eligible: &dyn Fn(&Backend) -> bool) -> Opt
         if !eligible(b) {
             continue;
         }
-        current[i] += b.weight as i64;
-        total += b.weight as i64;
+        let w = b.weight() as i64;
+        current[i] += w;
+        total += w;
         if best.is_none_or(|j| current[i] > current[j]) {
             best = Some(i);
         }
@@ -240,6 +257,31 @@ mod tests {
                 assert_eq!(before.id, after.id);
             }
         }
+    }
+
+    #[test]
+    fn draining_takes_no_new_keys_and_disabled_takes_nothing() {
+        let s = set(&[("a", 1), ("b", 1), ("c", 1)]);
+        s.all()[0].set_admin_state(AdminState::Draining { deadline_ms: None });
+        s.all()[1].set_admin_state(AdminState::Disabled);
+        for p in [
+            Policy::RoundRobin,
+            Policy::LeastConnections,
+            Policy::Weighted,
+            Policy::Rendezvous,
+        ] {
+            for i in 0..20u128 {
+                assert_eq!(&*pick(&s, p, Some(KeyHash(i)), &[], 0).unwrap().id, "c");
+            }
+        }
+        // Only draining and disabled left: draining still beats a 503, disabled never serves.
+        let c = s.all()[2].key;
+        assert_eq!(
+            &*pick(&s, Policy::RoundRobin, None, &[c], 0).unwrap().id,
+            "a"
+        );
+        s.all()[0].set_admin_state(AdminState::Disabled);
+        assert!(pick(&s, Policy::RoundRobin, None, &[c], 0).is_none());
     }
 
     #[test]

@@ -16,25 +16,30 @@ use tracing::info;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::routing::{Router, State};
+use crate::routing::Router;
+use crate::state::State;
 
 /// Start tether with `config` and serve until a signal stops it. `upgrade`: take the listeners
 /// over from a running tether (Pingora's graceful upgrade, see README).
-pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
+pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let io = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("tether-redis")
         .enable_all()
         .build()
         .context("starting the Redis I/O runtime")?;
-    let state = Arc::new(io.block_on(State::build(&config))?);
+    let state = Arc::new(io.block_on(State::build(config.clone(), config_path))?);
     io.spawn(state.clone().keep_tunnel_pins_alive());
+    io.spawn(state.clone().reload_on_sighup());
+    io.spawn(state.clone().follow_admin_states());
+    io.spawn(crate::health::run(state.clone()));
 
     let conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         // Our retry policy (fail_to_connect) bounds retries; this is Pingora's outer cap.
         max_retries: config.upstream.connect_retries + 2,
         ..ServerConf::default()
@@ -56,7 +61,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
-    let mut admin = Service::new("tether admin".to_string(), AdminApp { state });
+    let mut admin = Service::new("tether admin".to_string(), AdminApp::new(state));
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(proxy);
     server.add_service(admin);

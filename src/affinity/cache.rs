@@ -7,6 +7,8 @@
 //!
 //! Time is passed in (milliseconds of [`crate::backend::now_ms`]) so tests can drive it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tinyufo::TinyUfo;
 
 use super::KeyHash;
@@ -38,7 +40,8 @@ impl Pin {
 
 pub struct PinCache {
     map: TinyUfo<u64, Pin>,
-    ttl_ms: u64,
+    /// The affinity TTL; a reload may change it.
+    ttl_ms: AtomicU64,
 }
 
 impl PinCache {
@@ -47,18 +50,23 @@ impl PinCache {
         // million it only costs memory before the cache fills.
         PinCache {
             map: TinyUfo::new(capacity, capacity.min(1 << 20)),
-            ttl_ms,
+            ttl_ms: AtomicU64::new(ttl_ms),
         }
     }
 
     pub fn ttl_ms(&self) -> u64 {
-        self.ttl_ms
+        self.ttl_ms.load(Ordering::Relaxed)
+    }
+
+    /// Apply a reloaded TTL to every entry's expiry and refresh pace.
+    pub fn set_ttl_ms(&self, ttl_ms: u64) {
+        self.ttl_ms.store(ttl_ms, Ordering::Relaxed);
     }
 
     /// The live pin of `key` at `now`.
     pub fn get(&self, key: KeyHash, now: u64) -> Option<Pin> {
         let pin = self.map.get(&(key.0 as u64))?;
-        (pin.key == key.0 && now.saturating_sub(pin.refreshed_ms) < self.ttl_ms).then_some(pin)
+        (pin.key == key.0 && now.saturating_sub(pin.refreshed_ms) < self.ttl_ms()).then_some(pin)
     }
 
     /// Pin `key` to `backend`, refreshed at `now`.
@@ -70,7 +78,7 @@ impl PinCache {
 
     /// Whether a hit at `now` should refresh the pin in Redis.
     pub fn refresh_due(&self, pin: &Pin, now: u64) -> bool {
-        !pin.synced || now.saturating_sub(pin.refreshed_ms) >= self.ttl_ms / 4
+        !pin.synced || now.saturating_sub(pin.refreshed_ms) >= self.ttl_ms() / 4
     }
 
     /// Apply what Redis says `key` is pinned to, if this instance caches it. Returns whether an

@@ -3,8 +3,14 @@
 //! Layout (prefix `tether:` by default):
 //! - `<prefix>pin:<32 hex>` = `v1:<backend id>`, expiring after the affinity TTL; the hex is the
 //!   keyed hash of the session key, never the key itself;
-//! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment, applied by every
-//!   instance to its cache.
+//! - `<prefix>sessions:<backend id>`: sorted set of the pins on that backend (member: the 32 hex,
+//!   score: when the pin expires, Unix ms), maintained with every write and refresh so that
+//!   `ZCOUNT now +inf` counts the sessions pinned there (approximate: a pin refreshed by one
+//!   instance and expired before the next refresh by another is counted until its score passes);
+//! - `<prefix>admin`: hash of backend id -> `drain`, `drain:<deadline unix ms>` or `disable`,
+//!   the operator states every instance applies;
+//! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment (empty id: unpinned),
+//!   applied by every instance to its cache; `admin` when an operator state changed.
 //!
 //! One multiplexed RESP3 connection (redis-rs `ConnectionManager`) carries commands and the
 //! subscription; it reconnects and resubscribes by itself after a Redis restart.
@@ -14,8 +20,9 @@
 //! answers. Sliding-TTL refreshes go through a bounded queue to a background task; when the queue
 //! is full a refresh is dropped and retried on a later request.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -25,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use super::KeyHash;
 use super::cache::PinCache;
-use crate::backend::{BackendKey, Interner, now_ms};
+use crate::backend::{BackendKey, Interner, now_ms, unix_ms};
 use crate::config::{RedisSettings, redact_url};
 use crate::metrics::Metrics;
 
@@ -68,15 +75,37 @@ pub enum Assigned {
 
 /// Compare-and-set: replace the pin only if it still holds `expected` (or nothing), publish the
 /// change, and return the pin as it now is.
+/// KEYS: pin, new backend's session set; ARGV: expected, new value, ttl ms, channel, key hex,
+/// sessions-key prefix, expiry (unix ms). Also moves the member between session sets.
 const CAS_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if cur and string.sub(cur, 1, 3) == 'v1:' then
+    redis.call('ZREM', ARGV[6] .. string.sub(cur, 4), ARGV[5])
+  end
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[5])
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
   return ARGV[2]
 end
 return cur
 "#;
+
+/// KEYS: pin; ARGV: channel, key hex, sessions-key prefix. Deletes the pin, its session-set
+/// member, tells every instance; returns the value it had.
+const UNPIN_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == false then return false end
+redis.call('DEL', KEYS[1])
+if string.sub(cur, 1, 3) == 'v1:' then
+  redis.call('ZREM', ARGV[3] .. string.sub(cur, 4), ARGV[2])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
+return cur
+"#;
+
+/// Payload published on the pins channel when an operator state changes.
+const ADMIN_CHANGED: &[u8] = b"admin";
 
 /// A sliding-TTL refresh of one cached pin.
 #[derive(Debug)]
@@ -113,15 +142,33 @@ impl Liveness {
 
 pub struct RedisMap {
     conn: ConnectionManager,
+    /// `<prefix>pin:`
     prefix: String,
+    /// `<prefix>sessions:`
+    sessions_prefix: String,
+    /// `<prefix>admin`
+    admin_key: String,
     channel: String,
-    ttl_ms: u64,
+    /// The affinity TTL; a reload may change it.
+    ttl_ms: AtomicU64,
     timeout: Duration,
     liveness: Arc<Liveness>,
+    /// Woken when an operator state changed (or Redis came back): the state re-reads them.
+    admin_changed: Arc<Notify>,
     refresh_tx: mpsc::Sender<Refresh>,
     cas: redis::Script,
+    unpin: redis::Script,
     cache: Arc<PinCache>,
     interner: Arc<Interner>,
+}
+
+/// Where a pin stands in Redis, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPin {
+    /// The raw value (`v1:<id>`).
+    pub value: String,
+    /// Milliseconds left before it expires.
+    pub ttl_ms: i64,
 }
 
 /// Queue length of pending refreshes; beyond it refreshes are dropped and retried later.
@@ -153,6 +200,8 @@ impl RedisMap {
         let push_interner = interner.clone();
         let push_channel = channel.clone();
         let push_liveness = liveness.clone();
+        let admin_changed = Arc::new(Notify::new());
+        let push_admin = admin_changed.clone();
         let on_push = move |push: redis::PushInfo| -> Result<(), redis::aio::SendError> {
             if push.kind == PushKind::Disconnection {
                 // The manager reconnects and resubscribes by itself; until the prober has seen
@@ -160,7 +209,13 @@ impl RedisMap {
                 // meanwhile are lost, which compare-and-set and refreshes repair.
                 push_liveness.mark_down(&"connection lost");
             }
-            apply_push(&push, &push_channel, &push_cache, &push_interner);
+            apply_push(
+                &push,
+                &push_channel,
+                &push_cache,
+                &push_interner,
+                &push_admin,
+            );
             Ok(())
         };
         let config = ConnectionManagerConfig::new()
@@ -178,12 +233,16 @@ impl RedisMap {
         let map = Arc::new(RedisMap {
             conn,
             prefix: format!("{}pin:", settings.key_prefix),
+            sessions_prefix: format!("{}sessions:", settings.key_prefix),
+            admin_key: format!("{}admin", settings.key_prefix),
             channel,
-            ttl_ms: ttl.as_millis() as u64,
+            ttl_ms: AtomicU64::new(ttl.as_millis() as u64),
             timeout: settings.timeout,
             liveness,
+            admin_changed,
             refresh_tx,
             cas: redis::Script::new(CAS_SCRIPT),
+            unpin: redis::Script::new(UNPIN_SCRIPT),
             cache,
             interner,
         });
@@ -210,6 +269,8 @@ impl RedisMap {
         }
         within(timeout, conn.subscribe(&self.channel)).await?;
         self.liveness.mark_up();
+        // Operator states may have changed while we could not hear about it.
+        self.admin_changed.notify_one();
         Ok(())
     }
 
@@ -226,6 +287,25 @@ impl RedisMap {
     /// The Redis key of a pin.
     pub fn redis_key(&self, key: KeyHash) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// The sorted set of the pins on backend `id`.
+    fn sessions_key(&self, id: &str) -> String {
+        format!("{}{id}", self.sessions_prefix)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.ttl_ms.load(Ordering::Relaxed)
+    }
+
+    /// Apply a reloaded affinity TTL to future writes and refreshes.
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Woken when operator states may have changed.
+    pub fn admin_changed(&self) -> &Notify {
+        &self.admin_changed
     }
 
     /// Run one request-path command: skipped while down, bounded by the timeout, timed, and
@@ -251,7 +331,7 @@ impl RedisMap {
             .arg(encode_pin(id))
             .arg("NX")
             .arg("PX")
-            .arg(self.ttl_ms)
+            .arg(self.ttl_ms())
             .arg("GET");
         let old: Option<String> = self.call(&cmd).await?;
         Ok(match old {
@@ -263,13 +343,30 @@ impl RedisMap {
     /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
     /// backend that issued a session id is its authority.
     pub async fn learn(&self, key: KeyHash, id: &str) -> Result<(), RedisError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.redis_key(key))
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let ttl = self.ttl_ms();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.redis_key(key))
             .arg(encode_pin(id))
             .arg("PX")
-            .arg(self.ttl_ms);
-        let _: Value = self.call(&cmd).await?;
-        Ok(())
+            .arg(ttl)
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(self.sessions_key(id))
+            .arg(unix_ms() + ttl)
+            .arg(key.to_string())
+            .ignore();
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let result: Result<(), RedisError> =
+            within(self.timeout, pipe.query_async(&mut conn)).await;
+        Metrics::get()
+            .redis_duration
+            .observe(start.elapsed().as_secs_f64());
+        result.inspect_err(|e| self.mark_down(e))
     }
 
     /// Move a pin from `expected` (a raw stored value, `None` if it was missing) to `id`, unless
@@ -284,18 +381,104 @@ impl RedisMap {
             return Err(RedisError::Unavailable);
         }
         let mut conn = self.conn.clone();
+        let ttl = self.ttl_ms();
         let mut inv = self.cas.key(self.redis_key(key));
-        inv.arg(expected.unwrap_or(""))
+        inv.key(self.sessions_key(id))
+            .arg(expected.unwrap_or(""))
             .arg(encode_pin(id))
-            .arg(self.ttl_ms)
+            .arg(ttl)
             .arg(&self.channel)
-            .arg(key.to_string());
+            .arg(key.to_string())
+            .arg(&self.sessions_prefix)
+            .arg(unix_ms() + ttl);
         let start = Instant::now();
         let result = within(self.timeout, inv.invoke_async(&mut conn)).await;
         Metrics::get()
             .redis_duration
             .observe(start.elapsed().as_secs_f64());
         result.inspect_err(|e| self.mark_down(e))
+    }
+
+    /// Where `key` is pinned in Redis (admin API; not on the request path).
+    pub async fn lookup(&self, key: KeyHash) -> Result<Option<StoredPin>, RedisError> {
+        let k = self.redis_key(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&k).cmd("PTTL").arg(&k);
+        let (value, ttl_ms): (Option<String>, i64) = self.admin_call(&pipe).await?;
+        Ok(value.map(|value| StoredPin { value, ttl_ms }))
+    }
+
+    /// Remove the pin of `key` everywhere (Redis, its session set, every instance's cache).
+    /// Returns the value it had, if any.
+    pub async fn unpin(&self, key: KeyHash) -> Result<Option<String>, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let mut conn = self.conn.clone();
+        let mut inv = self.unpin.key(self.redis_key(key));
+        inv.arg(&self.channel)
+            .arg(key.to_string())
+            .arg(&self.sessions_prefix);
+        within(self.timeout * 5, inv.invoke_async(&mut conn))
+            .await
+            .inspect_err(|e| self.mark_down(e))
+    }
+
+    /// Sessions pinned to each of `ids` (pruning expired members first).
+    pub async fn pinned_counts(&self, ids: &[Arc<str>]) -> Result<Vec<u64>, RedisError> {
+        let now = unix_ms();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let k = self.sessions_key(id);
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&k)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+            pipe.cmd("ZCOUNT").arg(&k).arg(now).arg("+inf");
+        }
+        self.admin_call(&pipe).await
+    }
+
+    /// The operator states stored in Redis: backend id -> raw state.
+    pub async fn load_admin_states(&self) -> Result<HashMap<String, String>, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(&self.admin_key);
+        let (map,): (HashMap<String, String>,) = self.admin_call(&pipe).await?;
+        Ok(map)
+    }
+
+    /// Store (or with `None`, clear) backend `id`'s operator state and tell every instance.
+    pub async fn store_admin_state(&self, id: &str, state: Option<&str>) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        match state {
+            Some(v) => pipe
+                .cmd("HSET")
+                .arg(&self.admin_key)
+                .arg(id)
+                .arg(v)
+                .ignore(),
+            None => pipe.cmd("HDEL").arg(&self.admin_key).arg(id).ignore(),
+        };
+        pipe.cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(ADMIN_CHANGED)
+            .ignore();
+        self.admin_call(&pipe).await
+    }
+
+    /// Run an admin pipeline: refused while Redis is down, bounded by a few timeouts.
+    async fn admin_call<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let mut conn = self.conn.clone();
+        within(self.timeout * 5, pipe.query_async(&mut conn))
+            .await
+            .inspect_err(|e| self.mark_down(e))
     }
 
     /// Queue a sliding-TTL refresh. Never waits: a full queue drops it (the pin is marked
@@ -328,6 +511,8 @@ impl RedisMap {
                 self.refreshes_failed(&jobs, now);
                 continue;
             }
+            let ttl = self.ttl_ms();
+            let expiry = unix_ms() + ttl;
             let mut pipe = redis::pipe();
             for (r, id) in &jobs {
                 let k = self.redis_key(r.key);
@@ -336,9 +521,16 @@ impl RedisMap {
                     .arg(encode_pin(id))
                     .arg("NX")
                     .arg("PX")
-                    .arg(self.ttl_ms)
+                    .arg(ttl)
                     .arg("GET");
-                pipe.cmd("PEXPIRE").arg(&k).arg(self.ttl_ms).ignore();
+                pipe.cmd("PEXPIRE").arg(&k).arg(ttl).ignore();
+                // GT: another instance's later refresh is not pulled back.
+                pipe.cmd("ZADD")
+                    .arg(self.sessions_key(id))
+                    .arg("GT")
+                    .arg(expiry)
+                    .arg(r.key.to_string())
+                    .ignore();
             }
             let mut conn = self.conn.clone();
             let timeout = self.timeout * 4;
@@ -415,7 +607,13 @@ impl RedisMap {
 }
 
 /// Apply one push message: a reassignment published by some instance, or a disconnection.
-fn apply_push(push: &redis::PushInfo, channel: &str, cache: &PinCache, interner: &Interner) {
+fn apply_push(
+    push: &redis::PushInfo,
+    channel: &str,
+    cache: &PinCache,
+    interner: &Interner,
+    admin_changed: &Notify,
+) {
     if push.kind != PushKind::Message {
         return;
     }
@@ -423,6 +621,10 @@ fn apply_push(push: &redis::PushInfo, channel: &str, cache: &PinCache, interner:
         return;
     };
     if ch.as_slice() != channel.as_bytes() {
+        return;
+    }
+    if payload.as_slice() == ADMIN_CHANGED {
+        admin_changed.notify_one();
         return;
     }
     let Some((hex, id)) = std::str::from_utf8(payload)
@@ -488,12 +690,13 @@ mod tests {
                 Value::BulkString(format!("{k} {id}").into_bytes()),
             ],
         };
-        apply_push(&msg(cached, "b"), "tether:pins", &cache, &interner);
-        apply_push(&msg(other, "b"), "tether:pins", &cache, &interner);
+        let notify = Notify::new();
+        apply_push(&msg(cached, "b"), "tether:pins", &cache, &interner, &notify);
+        apply_push(&msg(other, "b"), "tether:pins", &cache, &interner, &notify);
         assert_eq!(cache.get(cached, now).unwrap().backend, b);
         assert!(cache.get(other, now).is_none());
         // Another channel, garbage, and unknown backends.
-        apply_push(&msg(cached, "a"), "other", &cache, &interner);
+        apply_push(&msg(cached, "a"), "other", &cache, &interner, &notify);
         assert_eq!(cache.get(cached, now).unwrap().backend, b);
         let junk = redis::PushInfo {
             kind: PushKind::Message,
@@ -502,8 +705,14 @@ mod tests {
                 Value::BulkString(b"\xff zz".to_vec()),
             ],
         };
-        apply_push(&junk, "tether:pins", &cache, &interner);
-        apply_push(&msg(cached, "gone"), "tether:pins", &cache, &interner);
+        apply_push(&junk, "tether:pins", &cache, &interner, &notify);
+        apply_push(
+            &msg(cached, "gone"),
+            "tether:pins",
+            &cache,
+            &interner,
+            &notify,
+        );
         assert!(cache.get(cached, now).is_none());
     }
 }
