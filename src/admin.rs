@@ -89,7 +89,10 @@ impl AdminApp {
             .req_header()
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            .and_then(|v| {
+                let v = v.as_bytes();
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+            });
         given.is_some_and(|g| same_secret(g, token.expose()))
     }
 
@@ -284,9 +287,30 @@ impl AdminApp {
                 }
             },
         };
-        let raw = percent_decoded(key);
+        let mut raw = percent_decoded(key);
         if raw.is_empty() {
             return Err(Box::new(error(StatusCode::BAD_REQUEST, "empty key")));
+        }
+        match &sources[index] {
+            // The request path hashes the address's octets, not its text.
+            crate::config::KeySource::Ip => {
+                match std::str::from_utf8(&raw).ok().and_then(|t| t.parse().ok()) {
+                    Some(ip) => raw = crate::affinity::ip_key(ip),
+                    None => {
+                        return Err(Box::new(error(
+                            StatusCode::BAD_REQUEST,
+                            "an ip key is an IP address, e.g. 203.0.113.7",
+                        )));
+                    }
+                }
+            }
+            // The cookie value is `<key>.<backend hint>.<signature>`: the key alone is hashed.
+            crate::config::KeySource::Insert => {
+                if let Some(dot) = raw.iter().position(|b| *b == b'.') {
+                    raw.truncate(dot);
+                }
+            }
+            _ => {}
         }
         Ok((
             live.extractor.hash_for(index, &raw),

@@ -190,10 +190,7 @@ impl Extractor {
                     .filter(|v| !v.is_empty())
                     .map(Cow::Borrowed),
                 KeySource::Query(name) => query.and_then(|q| query_param(q, name)),
-                KeySource::Ip => peer.map(|ip| match ip {
-                    IpAddr::V4(v4) => Cow::Owned(v4.octets().to_vec()),
-                    IpAddr::V6(v6) => Cow::Owned(v6.octets().to_vec()),
-                }),
+                KeySource::Ip => peer.map(|ip| Cow::Owned(ip_key(ip))),
                 KeySource::Insert => {
                     let Some(ins) = &self.insert else { continue };
                     let Some(value) =
@@ -271,6 +268,15 @@ pub fn engine_io_sid(body: &[u8]) -> Option<&[u8]> {
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(b));
     valid.then_some(sid)
+}
+
+/// What the `ip` source hashes for an address: its octets (so `::ffff:1.2.3.4` and `1.2.3.4`
+/// are different keys, as they are different peers).
+pub fn ip_key(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
 }
 
 /// The hash tag of a source: `c:<name>`, `i`, `h:<name>`, `q:<name>` or `ip`. Part of the

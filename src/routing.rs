@@ -39,6 +39,7 @@ impl State {
         let policy = live.policy();
         let m = Metrics::get();
         if let Some(pin) = self.cache.get(key.hash, now) {
+            m.lookup(Lookup::Cache);
             let Some(b) = set.get(pin.backend) else {
                 let expected = encode_pin(&self.interner.name(pin.backend));
                 return self
@@ -47,7 +48,6 @@ impl State {
             };
             return match b.pin_blocked(now, unix_ms()) {
                 None => {
-                    m.lookup(Lookup::Cache);
                     if self.cache.refresh_due(&pin, now) {
                         self.refresh(key.hash, &pin, now);
                     }
@@ -103,6 +103,13 @@ impl State {
                         Some(reason) => self.reassign(live, key, Some(raw), reason, &[], now).await,
                     };
                 }
+                // A timeout is ambiguous: Redis may still execute the write. Stay with what it
+                // would hold, so that recovery does not move the session.
+                Err(e) if e.is_ambiguous() => {
+                    debug!(key = %key.hash, error = %e, "redis timed out; failing open to our candidate");
+                    return self.fail_open(set, key, Some(candidate), &[], now);
+                }
+                // Not sent, or refused: the rendezvous hash agrees with every other instance.
                 Err(e) => debug!(key = %key.hash, error = %e, "redis lookup failed; failing open"),
             }
         }
@@ -175,13 +182,13 @@ impl State {
                 .compare_and_set(key.hash, expected.as_deref(), &candidate.id)
                 .await
             {
-                Ok(current) if decode_pin(&current) == Some(&candidate.id) => {
+                Ok((true, _)) => {
                     self.cache.put(key.hash, candidate.key, now, true);
                     m.reassignments.with_label_values(&[reason.as_str()]).inc();
                     info!(key = %key.hash, to = %candidate.id, reason = reason.as_str(), "pin moved");
                     return Some(candidate);
                 }
-                Ok(current) => {
+                Ok((false, current)) => {
                     let theirs = decode_pin(&current)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k))
@@ -362,6 +369,13 @@ impl ProxyHttp for Router {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self
+            .state
+            .stopping
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            session.set_keepalive(None);
+        }
         if session.is_upgrade_req() {
             // Pingora's downstream read timeout (60 s) would cut idle WebSockets.
             ctx.upgrade = true;

@@ -61,6 +61,7 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
+    let state_for_phases = state.clone();
     let mut admin = Service::new("tether admin".to_string(), AdminApp::new(state));
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(proxy);
@@ -73,6 +74,29 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         policy = config.affinity.policy.as_str(),
         "tether starting"
     );
+    let mut phases = server.watch_execution_phase();
+    let watcher = state_for_phases.clone();
+    io.spawn(async move {
+        use pingora::server::ExecutionPhase as P;
+        loop {
+            let phase = match phases.recv().await {
+                Ok(p) => p,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            };
+            if matches!(
+                phase,
+                P::GracefulUpgradeTransferringFds
+                    | P::GracefulUpgradeCloseTimeout
+                    | P::GracefulTerminate
+                    | P::ShutdownStarted
+            ) {
+                watcher
+                    .stopping
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
     // `run_forever` never returns; the Redis runtime must live as long as the process.
     std::mem::forget(io);
     server.run_forever()

@@ -111,6 +111,9 @@ pub struct State {
     admin_states: Mutex<HashMap<String, AdminState>>,
     /// Serialises reloads (SIGHUP and the API may race).
     reloading: tokio::sync::Mutex<()>,
+    /// Set once Pingora starts handing the listeners over or shutting down: every response then
+    /// says `Connection: close`, so keep-alive clients move to the new process.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -144,6 +147,7 @@ impl State {
             config_path: config_path.to_path_buf(),
             admin_states: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         };
         if state.redis.as_ref().is_some_and(|r| r.is_up()) {
             state.sync_admin_states().await;
@@ -188,6 +192,9 @@ impl State {
             r.set_ttl(ttl);
         }
         self.live.store(Arc::new(live));
+        // Again after the swap: an operator state set while the new set was being built went
+        // to the old set only.
+        self.apply_admin_states(&self.live().backends);
         m.reloads.with_label_values(&["ok"]).inc();
         info!(
             added = ?report.added,
@@ -430,6 +437,14 @@ fn diff(old: &Config, new: &Config) -> ReloadReport {
     };
     check("server.listen", old.server.listen != new.server.listen);
     check("server.threads", old.server.threads != new.server.threads);
+    check(
+        "server.grace_period_secs",
+        old.server.grace_period != new.server.grace_period,
+    );
+    check(
+        "server.graceful_shutdown_timeout_secs",
+        old.server.graceful_shutdown_timeout != new.server.graceful_shutdown_timeout,
+    );
     check(
         "server.upgrade_sock",
         old.server.upgrade_sock != new.server.upgrade_sock,

@@ -64,6 +64,17 @@ pub enum RedisError {
     Reply(String),
 }
 
+impl RedisError {
+    /// Whether Redis may still execute the command: it was sent, but no answer came in time.
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            RedisError::Timeout(_) => true,
+            RedisError::Command(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
 /// Result of a first assignment.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Assigned {
@@ -86,7 +97,7 @@ if cur == false or cur == ARGV[1] then
   end
   redis.call('ZADD', KEYS[2], ARGV[7], ARGV[5])
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
-  return ARGV[2]
+  return '+' .. ARGV[2]
 end
 return cur
 "#;
@@ -101,6 +112,24 @@ if string.sub(cur, 1, 3) == 'v1:' then
   redis.call('ZREM', ARGV[3] .. string.sub(cur, 4), ARGV[2])
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
+return cur
+"#;
+
+/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix. Slides the
+/// pin (or restores it if Redis lost it) and its session-set entry, on whatever backend Redis
+/// holds; returns the value Redis had (nil: restored).
+const REFRESH_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local holds = cur
+if cur == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  holds = ARGV[1]
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if string.sub(holds, 1, 3) == 'v1:' then
+  redis.call('ZADD', ARGV[5] .. string.sub(holds, 4), 'GT', ARGV[3], ARGV[4])
+end
 return cur
 "#;
 
@@ -158,6 +187,7 @@ pub struct RedisMap {
     refresh_tx: mpsc::Sender<Refresh>,
     cas: redis::Script,
     unpin: redis::Script,
+    refresh: redis::Script,
     cache: Arc<PinCache>,
     interner: Arc<Interner>,
 }
@@ -243,6 +273,7 @@ impl RedisMap {
             refresh_tx,
             cas: redis::Script::new(CAS_SCRIPT),
             unpin: redis::Script::new(UNPIN_SCRIPT),
+            refresh: redis::Script::new(REFRESH_SCRIPT),
             cache,
             interner,
         });
@@ -376,7 +407,7 @@ impl RedisMap {
         key: KeyHash,
         expected: Option<&str>,
         id: &str,
-    ) -> Result<String, RedisError> {
+    ) -> Result<(bool, String), RedisError> {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
@@ -392,11 +423,17 @@ impl RedisMap {
             .arg(&self.sessions_prefix)
             .arg(unix_ms() + ttl);
         let start = Instant::now();
-        let result = within(self.timeout, inv.invoke_async(&mut conn)).await;
+        let result: Result<String, RedisError> =
+            within(self.timeout, inv.invoke_async(&mut conn)).await;
         Metrics::get()
             .redis_duration
             .observe(start.elapsed().as_secs_f64());
-        result.inspect_err(|e| self.mark_down(e))
+        result
+            .inspect_err(|e| self.mark_down(e))
+            .map(|v| match v.strip_prefix('+') {
+                Some(ours) => (true, ours.to_string()),
+                None => (false, v),
+            })
     }
 
     /// Where `key` is pinned in Redis (admin API; not on the request path).
@@ -493,9 +530,9 @@ impl RedisMap {
         }
     }
 
-    /// Background task: send queued refreshes in pipelined batches. Each is
-    /// `SET key v NX PX ttl GET` (restores a pin Redis lost, e.g. after a restart, or returns the
-    /// current one) followed by `PEXPIRE key ttl`; the cache then takes what Redis holds.
+    /// Background task: send queued refreshes in pipelined batches of [`REFRESH_SCRIPT`]: slide
+    /// the pin's TTL (or restore it if Redis lost it, e.g. after a restart) and its session-set
+    /// entry; the cache then takes what Redis holds.
     async fn refresher(self: Arc<Self>, mut rx: mpsc::Receiver<Refresh>) {
         let mut batch = Vec::with_capacity(REFRESH_BATCH);
         while rx.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
@@ -511,31 +548,7 @@ impl RedisMap {
                 self.refreshes_failed(&jobs, now);
                 continue;
             }
-            let ttl = self.ttl_ms();
-            let expiry = unix_ms() + ttl;
-            let mut pipe = redis::pipe();
-            for (r, id) in &jobs {
-                let k = self.redis_key(r.key);
-                pipe.cmd("SET")
-                    .arg(&k)
-                    .arg(encode_pin(id))
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl)
-                    .arg("GET");
-                pipe.cmd("PEXPIRE").arg(&k).arg(ttl).ignore();
-                // GT: another instance's later refresh is not pulled back.
-                pipe.cmd("ZADD")
-                    .arg(self.sessions_key(id))
-                    .arg("GT")
-                    .arg(expiry)
-                    .arg(r.key.to_string())
-                    .ignore();
-            }
-            let mut conn = self.conn.clone();
-            let timeout = self.timeout * 4;
-            let result: Result<Vec<Option<String>>, RedisError> =
-                within(timeout, pipe.query_async(&mut conn)).await;
+            let result = self.send_refreshes(&jobs).await;
             match result {
                 Ok(values) => {
                     let m = &Metrics::get().refreshes;
@@ -549,6 +562,41 @@ impl RedisMap {
                     self.mark_down(&e);
                 }
             }
+        }
+    }
+
+    /// One pipeline of refresh scripts (EVALSHA); after a Redis restart the script cache is empty,
+    /// so a NOSCRIPT answer loads the script and sends the batch once more.
+    async fn send_refreshes(
+        &self,
+        jobs: &[(Refresh, Arc<str>)],
+    ) -> Result<Vec<Option<String>>, RedisError> {
+        let ttl = self.ttl_ms();
+        let expiry = unix_ms() + ttl;
+        let mut pipe = redis::pipe();
+        for (r, id) in jobs {
+            pipe.cmd("EVALSHA")
+                .arg(self.refresh.get_hash())
+                .arg(1)
+                .arg(self.redis_key(r.key))
+                .arg(encode_pin(id))
+                .arg(ttl)
+                .arg(expiry)
+                .arg(r.key.to_string())
+                .arg(&self.sessions_prefix);
+        }
+        let mut conn = self.conn.clone();
+        let timeout = self.timeout * 4;
+        match within(timeout, pipe.query_async(&mut conn)).await {
+            Err(RedisError::Command(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(REFRESH_SCRIPT);
+                let _: String = within(timeout, load.query_async(&mut conn)).await?;
+                within(timeout, pipe.query_async(&mut conn)).await
+            }
+            other => other,
         }
     }
 

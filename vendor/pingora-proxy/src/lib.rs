@@ -175,6 +175,10 @@ impl ShardedNotify {
     }
 }
 
+/// tether patch: how long a connection waiting for its (first or next) request still gets at
+/// shutdown before it is dropped.
+const SHUTDOWN_READ_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The concrete type that holds the user defined HTTP proxy.
 ///
 /// Users don't need to interact with this object directly.
@@ -332,7 +336,13 @@ where
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
             res = downstream_session.read_request() => { res }
-            _ = self.await_shutdown() => {
+            // tether patch: a connection accepted just before the listeners stopped may not have
+            // delivered its request yet; give it SHUTDOWN_READ_GRACE before dropping it (the
+            // response then says `Connection: close`, see tether's request_filter).
+            _ = async {
+                self.await_shutdown().await;
+                tokio::time::sleep(SHUTDOWN_READ_GRACE).await;
+            } => {
                 // service shutting down, dropping the connection to stop more req from coming in
                 return None;
             }
