@@ -763,7 +763,60 @@ pub struct Balancer {
     /// Length of the log when the current process was spawned: only what follows is its own.
     log_offset: usize,
     http: reqwest::Client,
+    /// What the harness writes into `[server]` and `[admin]`.
+    options: BalancerOptions,
     dir: TempDir,
+}
+
+/// The parts of `[server]` and `[admin]` a test may choose ([`Balancer::start_with`]); the
+/// listen addresses and `threads = 2` are always the harness's. The default is what
+/// [`Balancer::start`] writes: no grace periods, no upgrade socket, no admin token.
+#[derive(Clone, Debug, Default)]
+pub struct BalancerOptions {
+    /// `grace_period_secs`: how long Pingora keeps serving after SIGTERM, or after a graceful
+    /// upgrade's hand-over, before it stops its runtimes.
+    pub grace_period_secs: u64,
+    /// `graceful_shutdown_timeout_secs`: how long in-flight requests may still take after that.
+    pub graceful_shutdown_timeout_secs: u64,
+    /// Write `upgrade_sock = "<temp dir>/upgrade.sock"`, so [`Balancer::graceful_upgrade`] can
+    /// hand the listeners to a new process.
+    pub upgrade_sock: bool,
+    /// `[admin] token`; the harness's own admin requests ([`Balancer::metrics`],
+    /// [`Balancer::admin`]) then send it.
+    pub admin_token: Option<String>,
+}
+
+/// The answer of an admin request ([`Balancer::admin`]).
+#[derive(Debug)]
+pub struct AdminReply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub text: String,
+}
+
+impl AdminReply {
+    /// The body as JSON; panics (with the body) if it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| {
+            panic!(
+                "admin reply {} is not JSON ({e}): {}",
+                self.status, self.text
+            )
+        })
+    }
+}
+
+/// What [`Balancer::graceful_upgrade`] observed.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// The old process's exit status.
+    pub old_exit: ExitStatus,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// When the old process got SIGQUIT.
+    pub quit_at: Instant,
+    /// From SIGQUIT to the old process's exit.
+    pub old_exit_after: Duration,
 }
 
 impl Balancer {
@@ -772,12 +825,17 @@ impl Balancer {
     /// ready. If it loses the port race ("Address already in use"), it retries once on fresh
     /// ports.
     pub async fn start(config_body: &str) -> Self {
+        Self::start_with(BalancerOptions::default(), config_body).await
+    }
+
+    /// [`Balancer::start`] with chosen `[server]`/`[admin]` options.
+    pub async fn start_with(options: BalancerOptions, config_body: &str) -> Self {
         let (proxy, admin) = two_free_ports();
-        match Self::try_start(config_body, proxy, admin).await {
+        match Self::try_start(&options, config_body, proxy, admin).await {
             Ok(b) => b,
             Err(StartError::AddrInUse(_)) => {
                 let (proxy, admin) = two_free_ports();
-                match Self::try_start(config_body, proxy, admin).await {
+                match Self::try_start(&options, config_body, proxy, admin).await {
                     Ok(b) => b,
                     Err(e) => panic!("{e}"),
                 }
@@ -792,7 +850,14 @@ impl Balancer {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match Self::try_start(config_body, proxy_port, admin_port).await {
+            match Self::try_start(
+                &BalancerOptions::default(),
+                config_body,
+                proxy_port,
+                admin_port,
+            )
+            .await
+            {
                 Ok(b) => return b,
                 Err(StartError::AddrInUse(_)) if attempts < SAME_PORT_ATTEMPTS => {
                     // Back off: the previous process's sockets are being torn down.
@@ -803,7 +868,25 @@ impl Balancer {
         }
     }
 
-    async fn try_start(body: &str, proxy_port: u16, admin_port: u16) -> Result<Self, StartError> {
+    /// [`Balancer::start_with`] with an upgrade socket and one-second grace periods, ready for
+    /// [`Balancer::graceful_upgrade`]. (With grace periods of 0 the old process would stop its
+    /// runtimes the moment it stops accepting, cutting requests in flight.)
+    pub async fn start_with_upgrade_sock(config_body: &str) -> Self {
+        let options = BalancerOptions {
+            grace_period_secs: 1,
+            graceful_shutdown_timeout_secs: 1,
+            upgrade_sock: true,
+            admin_token: None,
+        };
+        Self::start_with(options, config_body).await
+    }
+
+    async fn try_start(
+        options: &BalancerOptions,
+        body: &str,
+        proxy_port: u16,
+        admin_port: u16,
+    ) -> Result<Self, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("tether-lb-")
             .tempdir()
@@ -817,6 +900,7 @@ impl Balancer {
             log: dir.path().join("tether.log"),
             log_offset: 0,
             http: client(),
+            options: options.clone(),
             dir,
         };
         balancer.write_config(body);
@@ -826,11 +910,33 @@ impl Balancer {
 
     /// The full config file text for `body` on this balancer's ports.
     pub fn config_text(&self, body: &str) -> String {
+        let o = &self.options;
+        let mut server = String::new();
+        if let Some(sock) = self.upgrade_sock() {
+            server.push_str(&format!("upgrade_sock = \"{}\"\n", sock.display()));
+        }
+        let mut admin = String::new();
+        if let Some(token) = &o.admin_token {
+            admin.push_str(&format!("token = \"{token}\"\n"));
+        }
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{}\"]\nthreads = 2\ngrace_period_secs = 0\n\
-             graceful_shutdown_timeout_secs = 0\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n{body}",
-            self.proxy_port, self.admin_port
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\nthreads = 2\ngrace_period_secs = {}\n\
+             graceful_shutdown_timeout_secs = {}\n{server}\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             {admin}\n{body}",
+            self.proxy_port, o.grace_period_secs, o.graceful_shutdown_timeout_secs, self.admin_port
         )
+    }
+
+    /// The `upgrade_sock` path written into `[server]`, if the options asked for one.
+    pub fn upgrade_sock(&self) -> Option<PathBuf> {
+        self.options
+            .upgrade_sock
+            .then(|| self.dir.path().join("upgrade.sock"))
+    }
+
+    /// The options this balancer was started with.
+    pub fn options(&self) -> &BalancerOptions {
+        &self.options
     }
 
     /// Rewrites the config file with a new body (same `[server]`/`[admin]`); the running process
@@ -841,8 +947,8 @@ impl Balancer {
             .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
     }
 
-    async fn spawn_and_wait(&mut self) -> Result<(), StartError> {
-        assert!(self.child.is_none(), "tether is already running");
+    /// Spawns `tether run -c FILE` (plus `extra` arguments), its output appended to the log.
+    fn spawn_child(&mut self, extra: &[&str]) -> Child {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -850,10 +956,11 @@ impl Balancer {
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
         let log2 = log.try_clone().expect("cloning the log file handle");
         self.log_offset = log.metadata().map_or(0, |m| m.len() as usize);
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        Command::new(env!("CARGO_BIN_EXE_tether"))
             .arg("run")
             .arg("-c")
             .arg(&self.config)
+            .args(extra)
             // TETHER_TEST_LOG=debug (or any filter) to see more of tether in failing tests.
             .env(
                 "RUST_LOG",
@@ -863,9 +970,19 @@ impl Balancer {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_tether")));
-        self.child = Some(child);
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_tether")))
+    }
 
+    async fn spawn_and_wait(&mut self) -> Result<(), StartError> {
+        assert!(self.child.is_none(), "tether is already running");
+        let child = self.spawn_child(&[]);
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    /// Polls until `/readyz` answers 200 and the proxy port accepts, or the child exits, or
+    /// [`BALANCER_START_TIMEOUT`] passes (then the child is killed).
+    async fn wait_ready(&mut self) -> Result<(), StartError> {
         let readyz = self.admin_url("/readyz");
         let proxy = SocketAddr::from(([127, 0, 0, 1], self.proxy_port));
         let deadline = Instant::now() + BALANCER_START_TIMEOUT;
@@ -971,9 +1088,11 @@ impl Balancer {
     /// GET `/metrics` on the admin listener; panics unless it answers 200.
     pub async fn metrics(&self) -> String {
         let url = self.admin_url("/metrics");
-        let resp = self
-            .http
-            .get(&url)
+        let mut req = self.http.get(&url);
+        if let Some(token) = &self.options.admin_token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {url}: {e}"));
@@ -991,6 +1110,158 @@ impl Balancer {
     /// See the free function [`metric_value`].
     pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
         metric_value(text, sample)
+    }
+
+    /// An admin request (`method` on `path`, e.g. `/api/backends/b/drain?deadline_secs=1`) with
+    /// the configured token, if any. Panics on a transport error.
+    pub async fn admin(&self, method: Method, path: &str) -> AdminReply {
+        let token = self.options.admin_token.clone();
+        self.admin_with_token(method, path, token.as_deref()).await
+    }
+
+    /// An admin request with the given bearer token (`None`: no `Authorization` header).
+    pub async fn admin_with_token(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> AdminReply {
+        self.admin_with_header(
+            method,
+            path,
+            token.map(|t| format!("Bearer {t}")).as_deref(),
+        )
+        .await
+    }
+
+    /// An admin request with this exact `Authorization` header value (`None`: none).
+    pub async fn admin_with_header(
+        &self,
+        method: Method,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> AdminReply {
+        let url = self.admin_url(path);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(value) = authorization {
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("reading {method} {url}: {e}"));
+        AdminReply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// `GET /api/backends`, the entry of backend `id` (panics unless the reply is 200 and lists
+    /// it).
+    pub async fn admin_backend(&self, id: &str) -> serde_json::Value {
+        let reply = self.admin(Method::GET, "/api/backends").await;
+        assert_eq!(reply.status, 200, "GET /api/backends: {}", reply.text);
+        reply.json()["backends"]
+            .as_array()
+            .and_then(|list| list.iter().find(|b| b["id"] == id).cloned())
+            .unwrap_or_else(|| panic!("backend {id} is not in GET /api/backends: {}", reply.text))
+    }
+
+    /// Graceful upgrade, Pingora's way: start a second `tether run -c FILE -u` on the same config
+    /// (so the same ports and upgrade socket), wait until it listens on the upgrade socket for the
+    /// listeners, send SIGQUIT to the running process (which hands them over, keeps accepting
+    /// for Pingora's 5 s close timeout, then stops accepting, waits `grace_period_secs` and
+    /// `graceful_shutdown_timeout_secs`, and exits), wait for the old process to exit and for
+    /// the new one to be ready. Afterwards this `Balancer` is the new process.
+    ///
+    /// Needs [`BalancerOptions::upgrade_sock`] ([`Balancer::start_with_upgrade_sock`]).
+    /// Panics, with the log tail, if a step does not happen in time.
+    pub async fn graceful_upgrade(&mut self) -> Upgrade {
+        let sock = self
+            .upgrade_sock()
+            .expect("graceful_upgrade needs a balancer started with an upgrade socket");
+        let mut old = self.child.take().expect("tether is not running");
+        let old_pid = old.id();
+        let mut new = self.spawn_child(&["-u"]);
+        let new_pid = new.id();
+
+        // 1. The new process binds the upgrade socket once it has read its config and built its
+        //    state, then waits (Pingora: 5 tries, 1 s apart) for the listeners.
+        let mut new_exit = None;
+        let listening = eventually(BALANCER_START_TIMEOUT, || {
+            new_exit = new.try_wait().expect("try_wait on the new tether");
+            std::future::ready(new_exit.is_some() || sock.exists())
+        })
+        .await;
+        if !listening || new_exit.is_some() {
+            kill_child(&mut Some(new));
+            self.child = Some(old);
+            panic!(
+                "the new tether (-u) did not listen on {} (exit: {new_exit:?})\n--- log ---\n{}",
+                sock.display(),
+                tail(&self.log(), 60)
+            );
+        }
+
+        // 2. SIGQUIT: the old process sends its listening sockets and starts draining.
+        let quit_at = Instant::now();
+        send_signal(old_pid, libc::SIGQUIT);
+
+        // 3. The new process removes the socket once it has the listeners.
+        let handed_over = eventually(Duration::from_secs(15), || {
+            new_exit = new.try_wait().expect("try_wait on the new tether");
+            std::future::ready(new_exit.is_some() || !sock.exists())
+        })
+        .await;
+        if !handed_over || new_exit.is_some() {
+            kill_child(&mut Some(new));
+            self.child = Some(old);
+            panic!(
+                "the listeners were not handed over within 15 s (new tether exit: {new_exit:?})\n\
+                 --- log ---\n{}",
+                tail(&self.log(), 60)
+            );
+        }
+
+        // 4. The old process exits after Pingora's close timeout (5 s) and its grace periods.
+        let limit = Duration::from_secs(
+            5 + self.options.grace_period_secs + self.options.graceful_shutdown_timeout_secs + 15,
+        );
+        let mut old_exit = None;
+        eventually(limit, || {
+            old_exit = old.try_wait().expect("try_wait on the old tether");
+            std::future::ready(old_exit.is_some())
+        })
+        .await;
+        let old_exit_after = quit_at.elapsed();
+        self.child = Some(new);
+        let Some(old_exit) = old_exit else {
+            kill_child(&mut Some(old));
+            panic!(
+                "the old tether (pid {old_pid}) did not exit within {limit:?} of SIGQUIT\n\
+                 --- log ---\n{}",
+                tail(&self.log(), 60)
+            );
+        };
+
+        // 5. Only the new process answers now.
+        if let Err(e) = self.wait_ready().await {
+            panic!("the new tether is not ready after the upgrade: {e}");
+        }
+        Upgrade {
+            old_exit,
+            old_pid,
+            new_pid,
+            quit_at,
+            old_exit_after,
+        }
     }
 
     /// Sends SIGHUP (config reload).
