@@ -274,8 +274,10 @@ impl Backend {
         self.is_up(now) && self.admin.load(Ordering::Relaxed) == 0
     }
 
-    /// Why a pin to this backend must move at `now` (monotonic) / `wall` (Unix ms), if it must.
-    pub fn pin_blocked(&self, now: u64, wall: u64) -> Option<Reassign> {
+    /// Why a pin to this backend must move at `now` ([`now_ms`]), if it must. The wall clock
+    /// (drain deadlines are shared between instances) is read only for a draining backend with
+    /// a deadline.
+    pub fn pin_blocked(&self, now: u64) -> Option<Reassign> {
         if !self.is_up(now) {
             return Some(Reassign::Down);
         }
@@ -283,7 +285,7 @@ impl Backend {
             AdminState::Enabled => None,
             AdminState::Draining {
                 deadline_ms: Some(d),
-            } if wall >= d => Some(Reassign::DrainDeadline),
+            } if unix_ms() >= d => Some(Reassign::DrainDeadline),
             AdminState::Draining { .. } => None,
             AdminState::Disabled => Some(Reassign::Disabled),
         }

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::affinity::cookie::parse_set_cookie;
 use crate::affinity::redis::{Assigned, decode_pin, encode_pin};
 use crate::affinity::{InsertKey, KeyHash, SessionKey, engine_io_sid, is_engine_io_handshake};
-use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, now_ms, unix_ms};
+use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, now_ms};
 use crate::metrics::{Lookup, Metrics, Reassign, status_class};
 use crate::selection;
 use crate::state::{Live, State, TunnelGuard};
@@ -46,7 +46,7 @@ impl State {
                     .reassign(live, key, Some(expected), Reassign::Removed, &[], now)
                     .await;
             };
-            return match b.pin_blocked(now, unix_ms()) {
+            return match b.pin_blocked(now) {
                 None => {
                     if self.cache.refresh_due(&pin, now) {
                         self.refresh(key.hash, &pin, now);
@@ -93,7 +93,7 @@ impl State {
                             .reassign(live, key, Some(raw), Reassign::Removed, &[], now)
                             .await;
                     };
-                    return match b.pin_blocked(now, unix_ms()) {
+                    return match b.pin_blocked(now) {
                         None => {
                             self.cache.put(key.hash, b.key, now, true);
                             // SET NX did not touch the TTL: slide it now, off the request path.
@@ -144,7 +144,7 @@ impl State {
             return None;
         };
         let b = set.get(self.interner.lookup(hint)?)?;
-        (b.pin_blocked(now, unix_ms()).is_none() && !exclude.contains(&b.key)).then(|| b.clone())
+        (b.pin_blocked(now).is_none() && !exclude.contains(&b.key)).then(|| b.clone())
     }
 
     /// Move `key` off its pinned backend: choose again (skipping `exclude`) and compare-and-set
@@ -192,9 +192,7 @@ impl State {
                     let theirs = decode_pin(&current)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k))
-                        .filter(|b| {
-                            b.pin_blocked(now, unix_ms()).is_none() && !exclude.contains(&b.key)
-                        });
+                        .filter(|b| b.pin_blocked(now).is_none() && !exclude.contains(&b.key));
                     if let Some(b) = theirs {
                         self.cache.put(key.hash, b.key, now, true);
                         return Some(b.clone());

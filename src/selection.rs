@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::affinity::KeyHash;
-use crate::backend::{AdminState, Backend, BackendKey, BackendSet, mix64, unix_ms};
+use crate::backend::{AdminState, Backend, BackendKey, BackendSet, mix64};
 use crate::config::Policy;
 use crate::metrics::Reassign;
 
@@ -52,12 +52,11 @@ fn eligibility<'a>(
     exclude: &'a [BackendKey],
     now: u64,
 ) -> impl Fn(&Backend) -> bool + 'a {
-    let wall = unix_ms();
     let allowed = move |b: &Backend| {
-        !exclude.contains(&b.key) && !matches!(b.pin_blocked(now, wall), Some(Reassign::Disabled))
+        !exclude.contains(&b.key) && !matches!(b.pin_blocked(now), Some(Reassign::Disabled))
     };
     let tier1 = |b: &Backend| allowed(b) && b.takes_new(now);
-    let tier2 = |b: &Backend| allowed(b) && b.pin_blocked(now, wall).is_none();
+    let tier2 = |b: &Backend| allowed(b) && b.pin_blocked(now).is_none();
     let tier = if set.all().iter().any(|b| tier1(b)) {
         1
     } else if set.all().iter().any(|b| tier2(b)) {
@@ -67,7 +66,7 @@ fn eligibility<'a>(
     };
     move |b: &Backend| match tier {
         1 => allowed(b) && b.takes_new(now),
-        2 => allowed(b) && b.pin_blocked(now, wall).is_none(),
+        2 => allowed(b) && b.pin_blocked(now).is_none(),
         _ => allowed(b) && b.admin_state() != AdminState::Disabled,
     }
 }

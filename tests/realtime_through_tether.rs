@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ::rideshare::serde_json::Value;
 use support::rideshare::{Agent, Rideshare, SioClient};
-use support::scenario::TEST_HASH_KEY;
+use support::scenario::config_with;
 use support::{Balancer, RedisServer, metric_value};
 
 /// Deadline for a client to finish its scripted work.
@@ -17,15 +17,8 @@ const EXIT: Duration = Duration::from_secs(40);
 
 /// tether over the three instances with the given `[affinity]` lines.
 fn tether_config(apps: &[&Rideshare], redis: &RedisServer, affinity: &str) -> String {
-    let mut body = format!(
-        "[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\n{affinity}\n\n[redis]\nurl = \"{}\"\n\n",
-        redis.url()
-    );
-    for app in apps {
-        body.push_str(&app.toml());
-        body.push('\n');
-    }
-    body
+    let tables: Vec<String> = apps.iter().map(|a| a.toml()).collect();
+    config_with(&tables, Some(redis), affinity)
 }
 
 async fn three_instances(redis: &RedisServer) -> (Rideshare, Rideshare, Rideshare) {

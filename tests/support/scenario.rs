@@ -34,6 +34,16 @@ pub const SESSION_HEADER: &str = "x-session-id";
 /// the given lines (sources, policy...), `[redis]` when given, then the backends. Further
 /// sections (`[upstream]`, `[affinity.insert]`) may be appended by the caller.
 pub fn config(backends: &[&Backend], redis: Option<&RedisServer>, affinity: &str) -> String {
+    let tables: Vec<String> = backends.iter().map(|b| b.toml()).collect();
+    config_with(&tables, redis, affinity)
+}
+
+/// [`config`] for any backends, given as their `[[backend]]` tables.
+pub fn config_with(
+    backend_tables: &[String],
+    redis: Option<&RedisServer>,
+    affinity: &str,
+) -> String {
     let mut out = format!("[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\n{affinity}\n\n");
     if let Some(r) = redis {
         out.push_str(&format!(
@@ -41,8 +51,8 @@ pub fn config(backends: &[&Backend], redis: Option<&RedisServer>, affinity: &str
             r.url()
         ));
     }
-    for b in backends {
-        out.push_str(&b.toml());
+    for t in backend_tables {
+        out.push_str(t);
         out.push('\n');
     }
     out
