@@ -94,9 +94,14 @@ pub struct SessionKey {
 /// Insert-mode state of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertKey {
-    /// A valid signed cookie came with the request; the backend it names is a hint.
+    /// A valid, current signed cookie came with the request; the backend it names is a hint.
+    /// The cookie is set again only if the pin moved off that hint.
     Presented { raw: String, hint: String },
-    /// No key was present: tether minted this one and must set the cookie.
+    /// tether must set the cookie on the response: a key it minted (no valid cookie came), or
+    /// the key of a valid cookie that is due to be re-issued (signed by an older secret, in
+    /// the v1 format, or older than a quarter of its lifetime; see [`cookie::InsertCookies`]).
+    /// A re-issued key is the presented one, so its pin holds; only its hint is not used for
+    /// this one request (it matters only when Redis has lost the key).
     Minted { raw: String },
 }
 
@@ -113,6 +118,8 @@ impl InsertKey {
 pub enum Invalid {
     TooLong,
     BadSignature,
+    /// A validly signed insert cookie past its lifetime (or issued implausibly far ahead).
+    Expired,
 }
 
 impl Invalid {
@@ -120,6 +127,7 @@ impl Invalid {
         match self {
             Invalid::TooLong => "too_long",
             Invalid::BadSignature => "bad_signature",
+            Invalid::Expired => "expired",
         }
     }
 }
@@ -149,7 +157,14 @@ impl Extractor {
             tags,
             max_key_bytes: s.max_key_bytes,
             hasher,
-            insert: s.insert.as_ref().map(InsertCookies::new),
+            // Without `max_age_secs` a cookie lives as long as an idle pin.
+            insert: s.insert.as_ref().map(|i| {
+                let cookies = InsertCookies::new(i);
+                match i.max_age {
+                    Some(_) => cookies,
+                    None => cookies.with_lifetime(s.ttl),
+                }
+            }),
         }
     }
 
@@ -178,6 +193,18 @@ impl Extractor {
         query: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Extracted {
+        self.extract_at(headers, query, peer, cookie::unix_secs())
+    }
+
+    /// [`Extractor::extract`] at `now` (Unix seconds), which decides whether an insert cookie has
+    /// expired.
+    pub fn extract_at(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        peer: Option<IpAddr>,
+        now: u64,
+    ) -> Extracted {
         let mut out = Extracted::default();
         for (i, src) in self.sources.iter().enumerate() {
             let found: Option<Cow<[u8]>> = match src {
@@ -198,22 +225,32 @@ impl Extractor {
                     else {
                         continue;
                     };
-                    match ins.verify(value) {
-                        Some(c) => {
-                            let raw =
-                                std::str::from_utf8(c.key).expect("verified keys are base64url");
+                    match ins.check(value, now) {
+                        Ok(c) => {
+                            let raw = std::str::from_utf8(c.key)
+                                .expect("verified keys are base64url")
+                                .to_string();
+                            let insert = if c.reissue {
+                                InsertKey::Minted { raw }
+                            } else {
+                                InsertKey::Presented {
+                                    raw,
+                                    hint: c.backend_hint.to_string(),
+                                }
+                            };
                             out.key = Some(SessionKey {
                                 hash: self.hasher.hash(&self.tags[i], c.key),
                                 source: i,
-                                insert: Some(InsertKey::Presented {
-                                    raw: raw.to_string(),
-                                    hint: c.backend_hint.to_string(),
-                                }),
+                                insert: Some(insert),
                             });
                             return out;
                         }
-                        None => {
+                        Err(cookie::Rejected::Forged) => {
                             out.invalid.get_or_insert(Invalid::BadSignature);
+                            continue;
+                        }
+                        Err(cookie::Rejected::Expired) => {
+                            out.invalid.get_or_insert(Invalid::Expired);
                             continue;
                         }
                     }
@@ -464,10 +501,67 @@ mod tests {
         let forged = value.replace(".b1.", ".b2.");
         let out = e.extract(&headers(&[("cookie", forged.as_bytes())]), None, None);
         assert_eq!(out.invalid, Some(Invalid::BadSignature));
-        assert!(matches!(
-            out.key.unwrap().insert,
-            Some(InsertKey::Minted { .. })
-        ));
+        let key = out.key.unwrap();
+        assert!(matches!(key.insert, Some(InsertKey::Minted { .. })));
+        assert_ne!(key.hash, minted.hash, "a forged cookie never names the key");
+    }
+
+    /// The cookie header for `key` signed by `e`'s first secret at `issued`.
+    fn insert_cookie(e: &Extractor, key: &str, backend: &str, issued: u64) -> String {
+        let set_cookie = e
+            .insert_cookies()
+            .unwrap()
+            .set_cookie_at(key.as_bytes(), backend, issued);
+        set_cookie.split(';').next().unwrap().to_string()
+    }
+
+    #[test]
+    fn insert_cookies_expire_with_the_ttl_and_are_refreshed_before() {
+        // settings(): ttl 60 s, no max_age_secs: cookies live 60 s after issue.
+        let e = extractor(vec![KeySource::Insert]);
+        let t0 = 1_800_000_000;
+        let raw = InsertCookies::mint();
+        let cookie = insert_cookie(&e, &raw, "b1", t0);
+        let h = headers(&[("cookie", cookie.as_bytes())]);
+        let hash = e.hash_for(0, raw.as_bytes());
+
+        let fresh = e.extract_at(&h, None, None, t0 + 15).key.unwrap();
+        assert_eq!(fresh.hash, hash);
+        assert!(matches!(fresh.insert, Some(InsertKey::Presented { .. })));
+        // Past a quarter of the lifetime: same key, cookie set again (Minted).
+        let due = e.extract_at(&h, None, None, t0 + 16).key.unwrap();
+        assert_eq!(due.hash, hash);
+        assert_eq!(due.insert, Some(InsertKey::Minted { raw: raw.clone() }));
+        // Past the lifetime: absent, a new key is minted, counted as expired.
+        let out = e.extract_at(&h, None, None, t0 + 61);
+        assert_eq!(out.invalid, Some(Invalid::Expired));
+        let key = out.key.unwrap();
+        assert_ne!(key.hash, hash);
+        assert!(matches!(key.insert, Some(InsertKey::Minted { raw: r }) if r != raw));
+    }
+
+    #[test]
+    fn insert_cookies_signed_by_an_older_secret_are_reissued() {
+        let old = extractor(vec![KeySource::Insert]);
+        let mut s = settings(vec![KeySource::Insert]);
+        let insert = s.insert.as_mut().unwrap();
+        insert
+            .secrets
+            .insert(0, Secret::new(b"a-newer-secret-0123456789".to_vec()));
+        let rotated = Extractor::new(&s, KeyHasher::new(b"0123456789abcdef"));
+        let raw = InsertCookies::mint();
+        let now = 1_800_000_000;
+        let cookie = insert_cookie(&old, &raw, "b1", now);
+        let key = rotated
+            .extract_at(&headers(&[("cookie", cookie.as_bytes())]), None, None, now)
+            .key
+            .unwrap();
+        assert_eq!(
+            key.hash,
+            old.hash_for(0, raw.as_bytes()),
+            "same key, same pin"
+        );
+        assert_eq!(key.insert, Some(InsertKey::Minted { raw }));
     }
 
     #[test]

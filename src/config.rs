@@ -257,10 +257,37 @@ impl SameSite {
 
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// May carry a password: never log it (the `Debug` impl hides it).
+    /// May carry a password: never log it (the `Debug` impl hides it; use [`redact_url`]).
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://`.
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
+    /// `rediss://` only: the CA certificates (PEM) that verify the server instead of the
+    /// system's roots, as read and checked at validation.
+    pub ca: Option<CaCertificates>,
+}
+
+/// A CA bundle read from `[redis] ca_file`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaCertificates {
+    /// As resolved (relative paths are relative to the config file's directory).
+    pub path: PathBuf,
+    /// The file's contents: one or more PEM certificates, each checked to be a usable trust
+    /// anchor.
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for CaCertificates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The contents are public, but long: the path and a digest of the bytes say enough (and
+        // make a changed file show in the reload diff).
+        write!(
+            f,
+            "CaCertificates({}, {})",
+            self.path.display(),
+            &blake3::hash(&self.pem).to_hex()[..16]
+        )
+    }
 }
 
 impl fmt::Debug for RedisSettings {
@@ -269,18 +296,48 @@ impl fmt::Debug for RedisSettings {
             .field("url", &redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
+            .field("ca", &self.ca)
             .finish()
     }
 }
 
-/// A Redis URL with any password replaced, for logs.
+/// Query parameters of a Redis URL that carry credentials (`redis+unix:///s.sock?pass=...`).
+const SECRET_QUERY_KEYS: [&str; 2] = ["pass", "password"];
+
+/// A Redis URL with any credentials replaced by `***`, for logs and error messages: the user
+/// info (`redis://user:password@host` -> `redis://***@host`) and the `pass` query parameter of
+/// unix-socket URLs. Works on any text, parsable or not, and errs on the side of hiding.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+    // The query first: an '@' inside a password there must not move the user-info cut below.
+    let mut out = match url.split_once('?') {
+        Some((base, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, Some(f)),
+                None => (query, None),
+            };
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if SECRET_QUERY_KEYS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
+                        format!("{k}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            let mut out = format!("{base}?{}", pairs.join("&"));
+            if let Some(f) = fragment {
+                out.push('#');
+                out.push_str(f);
+            }
+            out
         }
-        _ => url.to_string(),
+        None => url.to_string(),
+    };
+    let start = out.find("://").map_or(0, |i| i + 3);
+    if let Some(at) = out[start..].rfind('@') {
+        out = format!("{}***@{}", &out[..start], &out[start + at + 1..]);
     }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -395,7 +452,9 @@ impl Config {
                 None
             }
         };
-        let config = parsed.and_then(|f| validate(f, env, &mut diags));
+        // Relative paths in the file (`ca_file`) are relative to the file's directory.
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let config = parsed.and_then(|f| validate(f, env, dir, &mut diags));
         match config {
             Some(c) if diags.list.is_empty() => Ok(c),
             _ => Err(ConfigError {
@@ -559,6 +618,7 @@ mod file {
         pub url: Option<Spanned<String>>,
         pub key_prefix: Option<Spanned<String>>,
         pub timeout_ms: Option<Spanned<u64>>,
+        pub ca_file: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -570,11 +630,11 @@ mod file {
     }
 }
 
-fn validate(f: file::FileConfig, env: &EnvOverrides, d: &mut Diags) -> Option<Config> {
+fn validate(f: file::FileConfig, env: &EnvOverrides, dir: &Path, d: &mut Diags) -> Option<Config> {
     let server = validate_server(f.server, d);
     let admin = validate_admin(f.admin, env, &server, d);
     let upstream = validate_upstream(f.upstream, d);
-    let redis = validate_redis(f.redis, env, d);
+    let redis = validate_redis(f.redis, env, dir, d);
     let affinity = validate_affinity(f.affinity, env, redis.is_some(), d);
     let health = f.health.and_then(|h| validate_health(h, d));
     let backends = validate_backends(f.backend, d);
@@ -1155,6 +1215,7 @@ fn validate_insert(
 fn validate_redis(
     r: Option<Spanned<file::Redis>>,
     env: &EnvOverrides,
+    dir: &Path,
     d: &mut Diags,
 ) -> Option<RedisSettings> {
     let r = r?;
@@ -1175,11 +1236,32 @@ fn validate_redis(
         Some(s) => d.at(s.clone(), m),
         None => d.global(format!("{ENV_REDIS_URL}: {m}")),
     };
-    if url.starts_with("rediss://") {
-        report(d, "`rediss://` (TLS to Redis) is not supported by this build yet: use redis:// or redis+unix://".into());
+    let tls = url.starts_with("rediss://");
+    if tls && url.contains('#') {
+        // redis-rs's `#insecure` turns certificate verification off; this build does not offer
+        // it (see `ca_file`).
+        report(
+            d,
+            format!(
+                "`{}`: a URL fragment such as `#insecure` (no certificate verification) is not supported: \
+                 for a private CA give its certificate in `ca_file`",
+                redact_url(&url)
+            ),
+        );
     } else if let Err(e) = redis::Client::open(url.as_str()) {
-        report(d, format!("`{}` is not a Redis URL: {e}", redact_url(&url)));
+        report(
+            d,
+            format!(
+                "`{}` is not a Redis URL: {}",
+                redact_url(&url),
+                redact_url(&e.to_string())
+            ),
+        );
     }
+    let ca = r
+        .ca_file
+        .as_ref()
+        .and_then(|f| validate_ca_file(f, dir, tls, d));
     let key_prefix = match &r.key_prefix {
         None => DEFAULT_KEY_PREFIX.to_string(),
         Some(p) => {
@@ -1207,7 +1289,66 @@ fn validate_redis(
         url,
         key_prefix,
         timeout: Duration::from_millis(timeout),
+        ca,
     })
+}
+
+/// Read and check `[redis] ca_file`: it must exist, hold at least one PEM certificate, and each
+/// must be usable as a trust anchor. Only meaningful with `rediss://`.
+fn validate_ca_file(
+    f: &Spanned<String>,
+    dir: &Path,
+    tls: bool,
+    d: &mut Diags,
+) -> Option<CaCertificates> {
+    if !tls {
+        d.at(
+            f.span(),
+            "`ca_file` applies to TLS only: use a rediss:// URL, or remove `ca_file`",
+        );
+        return None;
+    }
+    let path = dir.join(f.get_ref());
+    let pem = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            d.at(
+                f.span(),
+                format!(
+                    "cannot read `ca_file` {}: {e} (relative paths are relative to this file)",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+    };
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let problem = match cert {
+            Ok(cert) => roots
+                .add(cert)
+                .err()
+                .map(|e| format!("a certificate is not usable as a CA: {e}")),
+            Err(e) => Some(format!("not valid PEM: {e}")),
+        };
+        if let Some(problem) = problem {
+            d.at(f.span(), format!("`ca_file` {}: {problem}", path.display()));
+            return None;
+        }
+    }
+    if roots.is_empty() {
+        d.at(
+            f.span(),
+            format!(
+                "`ca_file` {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(CaCertificates { path, pem })
 }
 
 /// Backend ids go into Redis values and cookies: keep them to a safe alphabet.
@@ -1429,14 +1570,98 @@ address = "127.0.0.1:3001"
     }
 
     #[test]
-    fn redis_needs_a_hash_key_and_tls_is_rejected() {
-        let text = format!("{BASE}\n[redis]\nurl = \"rediss://h:6379/\"\n");
+    fn redis_needs_a_hash_key() {
+        let text = format!("{BASE}\n[redis]\nurl = \"redis://h:6379/\"\n");
         let e = errors(&text);
         assert!(e.contains("needs `hash_key`"), "{e}");
+    }
+
+    const WITH_KEY: &str = "hash_key = \"0123456789abcdef-key\"\n";
+
+    /// BASE with a hash key and a `[redis]` section of `redis` (its lines from line 14 on).
+    fn with_redis(redis: &str) -> String {
+        format!(
+            "{}\n[redis]\n{redis}",
+            BASE.replace("[affinity]\n", &format!("[affinity]\n{WITH_KEY}"))
+        )
+    }
+
+    /// A fresh self-signed CA certificate in PEM.
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn tls_urls_are_accepted_with_an_optional_ca_file() {
+        let c = parse(&with_redis("url = \"rediss://:pw@h:6380/\"\n")).expect("valid");
+        let r = c.redis.unwrap();
+        assert!(r.ca.is_none());
+        assert!(!format!("{r:?}").contains("pw"), "{r:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pem = ca_pem();
+        std::fs::write(dir.path().join("ca.pem"), &pem).unwrap();
+        let text = with_redis("url = \"rediss://h:6380/\"\nca_file = \"ca.pem\"\n");
+        // Relative to the file's directory.
+        let c = Config::parse(&dir.path().join("t.toml"), &text, &EnvOverrides::default())
+            .expect("valid");
+        let ca = c.redis.unwrap().ca.unwrap();
+        assert_eq!(ca.pem, pem.as_bytes());
+        assert_eq!(ca.path, dir.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn bad_ca_files_are_reported_with_line_and_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+        std::fs::write(
+            dir.join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let path = dir.join("t.toml");
+        let check = |redis: &str| match Config::parse(
+            &path,
+            &with_redis(redis),
+            &EnvOverrides::default(),
+        ) {
+            Ok(_) => panic!("expected an error for {redis}"),
+            Err(e) => e.to_string(),
+        };
+        // [redis] is line 13, url line 14, ca_file line 15.
+        let e = check("url = \"rediss://h/\"\nca_file = \"missing.pem\"\n");
+        assert!(e.contains("t.toml:15:11: cannot read `ca_file`"), "{e}");
+        let e = check("url = \"rediss://h/\"\nca_file = \"junk.pem\"\n");
+        assert!(e.contains("t.toml:15:11: `ca_file`"), "{e}");
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        let e = check("url = \"rediss://h/\"\nca_file = \"broken.pem\"\n");
+        assert!(e.contains("t.toml:15:11: `ca_file`"), "{e}");
+        let e = check("url = \"redis://h/\"\nca_file = \"junk.pem\"\n");
         assert!(
-            e.contains("t.toml:13:7: `rediss://` (TLS to Redis) is not supported"),
+            e.contains("t.toml:15:11: `ca_file` applies to TLS only"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn insecure_tls_is_not_offered_and_urls_are_redacted_in_errors() {
+        let e = errors(&with_redis(
+            "url = \"rediss://:hunter2-secret@h/#insecure\"\n",
+        ));
+        assert!(e.contains("t.toml:14:7:"), "{e}");
+        assert!(e.contains("`#insecure`"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = errors(&with_redis("url = \"redis://u:hunter2-secret@h/notadb\"\n"));
+        assert!(e.contains("is not a Redis URL"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = errors(&with_redis(
+            "url = \"redis+unix:///s.sock?pass=hunter2-secret&db=x\"\n",
+        ));
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]
@@ -1478,6 +1703,17 @@ address = "127.0.0.1:3001"
             redact_url("redis://user:pw@host:6379/0"),
             "redis://***@host:6379/0"
         );
+        assert_eq!(redact_url("rediss://:p@ss@host/"), "rediss://***@host/");
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?db=1&pass=a@b&protocol=resp3"),
+            "redis+unix:///tmp/r.sock?db=1&pass=***&protocol=resp3"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?PASSWORD=x#frag"),
+            "redis+unix:///tmp/r.sock?PASSWORD=***#frag"
+        );
+        assert_eq!(redact_url(":pw@host:6379"), "***@host:6379");
+        assert_eq!(redact_url("redis://host:6379/"), "redis://host:6379/");
     }
 
     #[test]

@@ -61,9 +61,7 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-                )
+                .with_env_filter(log_filter())
                 .init();
             // Parse and validate before anything binds a socket.
             let cfg = match Config::load(&config) {
@@ -82,4 +80,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `RUST_LOG` (default `info`), with Pingora's own targets capped at `info` unless the filter
+/// names them: at `debug` Pingora prints whole request and response headers (cookies, session
+/// ids, `Authorization`), and tether's logs must never carry a session key or the admin token.
+/// The cap comes first, so `pingora=debug` or `pingora_proxy=debug` in `RUST_LOG` replaces or
+/// outranks it: an operator who writes that asks for those lines knowingly.
+fn log_filter() -> EnvFilter {
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "info".to_string());
+    EnvFilter::try_new(format!("pingora=info,{spec}")).unwrap_or_else(|e| {
+        eprintln!("tether: ignoring RUST_LOG ({e}): logging at info");
+        EnvFilter::new("info")
+    })
 }

@@ -20,6 +20,7 @@ pub mod names {
     pub const OPEN_WEBSOCKETS: &str = "tether_backend_open_websockets";
     pub const CONNECT_FAILURES: &str = "tether_upstream_connect_failures_total";
     pub const RETRIES: &str = "tether_retries_total";
+    pub const UPSTREAM_ERRORS: &str = "tether_upstream_errors_total";
     pub const LOOKUPS: &str = "tether_affinity_lookups_total";
     pub const ASSIGNMENTS: &str = "tether_assignments_total";
     pub const REASSIGNMENTS: &str = "tether_reassignments_total";
@@ -106,6 +107,36 @@ impl Reassign {
     }
 }
 
+/// Why a request failed because of its backend, the `kind` label of [`names::UPSTREAM_ERRORS`].
+/// Only the final error of a request counts: a connect failure that was retried elsewhere is in
+/// [`names::CONNECT_FAILURES`] and [`names::RETRIES`], not here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Connecting failed (refused, timed out, unreachable) and no other backend was left to try.
+    Connect,
+    /// The backend took longer than `read_timeout_ms` (or `write_timeout_ms`): answered 504.
+    Timeout,
+    /// The connection closed or was reset before the response was complete: 502 if no response
+    /// header had arrived yet, else the client sees the response cut short.
+    Closed,
+    /// The backend sent something that is not valid HTTP.
+    Protocol,
+    /// Anything else on the upstream side.
+    Other,
+}
+
+impl UpstreamError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Closed => "closed",
+            UpstreamError::Protocol => "protocol",
+            UpstreamError::Other => "other",
+        }
+    }
+}
+
 /// Every metric, registered once in the default registry.
 pub struct Metrics {
     pub requests: IntCounterVec,
@@ -116,6 +147,7 @@ pub struct Metrics {
     pub open_websockets: IntGaugeVec,
     pub connect_failures: IntCounterVec,
     pub retries: IntCounter,
+    pub upstream_errors: IntCounterVec,
     pub lookups: IntCounterVec,
     pub assignments: IntCounterVec,
     pub reassignments: IntCounterVec,
@@ -184,6 +216,14 @@ impl Metrics {
             )
             .expect(OK),
             retries: register_int_counter!(RETRIES, "Requests retried on another backend after a connect failure").expect(OK),
+            upstream_errors: register_int_counter_vec!(
+                Opts::new(
+                    UPSTREAM_ERRORS,
+                    "Requests that failed because of their backend, by kind: connect, timeout, closed, protocol, other"
+                ),
+                &["backend", "kind"]
+            )
+            .expect(OK),
             lookups,
             assignments: register_int_counter_vec!(
                 Opts::new(ASSIGNMENTS, "New keys pinned, by assignment policy"),
@@ -197,7 +237,7 @@ impl Metrics {
             .expect(OK),
             learned: register_int_counter!(LEARNED, "Keys pinned from a backend's Set-Cookie").expect(OK),
             invalid_keys: register_int_counter_vec!(
-                Opts::new(INVALID_KEYS, "Keys ignored as absent, by reason: too_long, bad_signature"),
+                Opts::new(INVALID_KEYS, "Keys ignored as absent, by reason: too_long, bad_signature, expired"),
                 &["reason"]
             )
             .expect(OK),

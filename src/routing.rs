@@ -11,6 +11,14 @@
 //!   hash over live backends (the same on every instance); pins made meanwhile are written when
 //!   Redis answers again.
 //! - No backend configured or none left to try: 502/503 from Pingora's error path.
+//! - A backend that fails a request (connect, timeout, closed connection, bad HTTP): 502, or 504
+//!   for a read or write timeout (as HAProxy and NGINX answer), counted in
+//!   `tether_upstream_errors_total{backend,kind}`. Retried only when the backend cannot have
+//!   acted on the request or the method allows a replay: connect failures (any method, on another
+//!   backend), and an idempotent request whose connection closed before any response header
+//!   (NGINX's `proxy_next_upstream error` for GET, HEAD, PUT, DELETE, OPTIONS). A POST or PATCH the
+//!   backend may have received is never sent again. Timeouts are not retried and do not move
+//!   the pin: the backend may still be working on the request.
 //! - Malformed keys: ignored as absent, counted in `tether_invalid_keys_total`.
 
 use std::net::IpAddr;
@@ -20,14 +28,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info, warn};
 
 use crate::affinity::cookie::parse_set_cookie;
 use crate::affinity::redis::{Assigned, decode_pin, encode_pin};
 use crate::affinity::{InsertKey, KeyHash, SessionKey, engine_io_sid, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, now_ms};
-use crate::metrics::{Lookup, Metrics, Reassign, status_class};
+use crate::metrics::{Lookup, Metrics, Reassign, UpstreamError, status_class};
 use crate::selection;
 use crate::state::{Live, State, TunnelGuard};
 use bytes::Bytes;
@@ -48,7 +56,12 @@ impl State {
             };
             return match b.pin_blocked(now) {
                 None => {
-                    if self.cache.refresh_due(&pin, now) {
+                    // Also after a Redis reconnect: Redis may have lost the pin with its data.
+                    let lost = self
+                        .redis
+                        .as_ref()
+                        .is_some_and(|r| pin.refreshed_ms <= r.up_since_ms());
+                    if lost || self.cache.refresh_due(&pin, now) {
                         self.refresh(key.hash, &pin, now);
                     }
                     Some(b.clone())
@@ -309,6 +322,8 @@ pub struct RequestCtx {
     engine_io: Option<Vec<u8>>,
     /// Held while the upgraded connection is open.
     tunnel: Option<TunnelGuard>,
+    /// A response header arrived from a backend: from then on nothing may be retried.
+    responded: bool,
 }
 
 impl Router {
@@ -348,6 +363,23 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// What kind of upstream failure a Pingora error is, for `tether_upstream_errors_total`.
+fn upstream_error_kind(etype: &ErrorType) -> UpstreamError {
+    use ErrorType::*;
+    match etype {
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+        | TLSWantX509Lookup | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
+        | HandshakeError | BindError | SocketError => UpstreamError::Connect,
+        ReadTimedout | WriteTimedout => UpstreamError::Timeout,
+        ConnectionClosed | ReadError | WriteError => UpstreamError::Closed,
+        // pingora-core's `PREMATURE_BODY_END`: the connection closed before Content-Length.
+        Custom("PrematureBodyEnd") => UpstreamError::Closed,
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => UpstreamError::Protocol,
+        Custom("InvalidChunk" | "InvalidTrailerEnd") => UpstreamError::Protocol,
+        _ => UpstreamError::Other,
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Router {
     type CTX = RequestCtx;
@@ -363,6 +395,7 @@ impl ProxyHttp for Router {
             upgrade: false,
             engine_io: None,
             tunnel: None,
+            responded: false,
         }
     }
 
@@ -445,7 +478,9 @@ impl ProxyHttp for Router {
             .all()
             .iter()
             .any(|b| !ctx.failed.contains(&b.key));
-        if ctx.attempts <= ctx.live.config.upstream.connect_retries && others_left {
+        // `connect_retries` counts other backends tried after connect failures; resends to the
+        // same backend after a closed connection (see `error_while_proxy`) do not use it up.
+        if ctx.failed.len() <= ctx.live.config.upstream.connect_retries && others_left {
             warn!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
             Metrics::get().retries.inc();
             e.set_retry(true);
@@ -454,6 +489,97 @@ impl ProxyHttp for Router {
             e.set_retry(false);
         }
         e
+    }
+
+    /// What Pingora's own warn/error lines say about a request: method, path and Host, never the
+    /// query (it may carry a `sid` key) nor other headers.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+        format!(
+            "{} {}, Host: {}",
+            req.method,
+            req.uri.path(),
+            host.as_deref().unwrap_or("-")
+        )
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && !ctx.responded;
+        if !replayable {
+            // Not idempotent (the backend may have acted on it), or part of a response already
+            // went to the client: never sent again.
+            e.set_retry(false);
+            return e;
+        }
+        // Pingora's default: a reused keep-alive connection that closed under the request.
+        e.retry.decide_reuse(client_reused);
+        if !e.retry()
+            && *e.esource() == ErrorSource::Upstream
+            && upstream_error_kind(e.etype()) == UpstreamError::Closed
+            && ctx.attempts <= ctx.live.config.upstream.connect_retries
+        {
+            // A fresh connection closed before any response header: the backend died or dropped
+            // the request. An idempotent request may be sent again (NGINX does so by default);
+            // first to the same backend, which keeps the session where it is if it is alive and
+            // moves it (connect failure) if it is not.
+            if let Some(g) = &ctx.current {
+                warn!(backend = %g.backend().id, error = %e, "connection closed before the response; retrying the idempotent request");
+            }
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let kind = (*e.esource() == ErrorSource::Upstream).then(|| upstream_error_kind(e.etype()));
+        if let (Some(kind), Some(g)) = (kind, &ctx.current) {
+            Metrics::get()
+                .upstream_errors
+                .with_label_values(&[&*g.backend().id, kind.as_str()])
+                .inc();
+        }
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            // HAProxy and NGINX answer a backend that did not answer in time with 504.
+            (_, ErrorSource::Upstream) if kind == Some(UpstreamError::Timeout) => 504,
+            (_, ErrorSource::Upstream) => 502,
+            // The client went away: nobody to answer.
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
+        };
+        // A no-op if the response header was already sent (a response cut short mid-body).
+        if code > 0
+            && let Err(write) = session.respond_error(code).await
+        {
+            debug!(error = %write, "could not send the error response");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn upstream_request_filter(
@@ -484,6 +610,7 @@ impl ProxyHttp for Router {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.responded = true;
         let Some(backend) = ctx.current.as_ref().map(|g| g.backend().clone()) else {
             return Ok(());
         };
@@ -587,5 +714,25 @@ impl ProxyHttp for Router {
                 error = ?e.map(|e| e.etype()),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_errors_are_classified_by_what_the_operator_should_look_at() {
+        let kind = |t: ErrorType| upstream_error_kind(&t).as_str();
+        assert_eq!(kind(ErrorType::ConnectRefused), "connect");
+        assert_eq!(kind(ErrorType::ConnectTimedout), "connect");
+        assert_eq!(kind(ErrorType::ReadTimedout), "timeout");
+        assert_eq!(kind(ErrorType::WriteTimedout), "timeout");
+        assert_eq!(kind(ErrorType::ConnectionClosed), "closed");
+        assert_eq!(kind(ErrorType::ReadError), "closed");
+        assert_eq!(kind(ErrorType::new("PrematureBodyEnd")), "closed");
+        assert_eq!(kind(ErrorType::InvalidHTTPHeader), "protocol");
+        assert_eq!(kind(ErrorType::new("InvalidChunk")), "protocol");
+        assert_eq!(kind(ErrorType::InternalError), "other");
     }
 }

@@ -40,8 +40,9 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
-        // Our retry policy (fail_to_connect) bounds retries; this is Pingora's outer cap.
-        max_retries: config.upstream.connect_retries + 2,
+        // Our retry policy (fail_to_connect, error_while_proxy) bounds retries; this is Pingora's
+        // outer cap, with room for resends on stale pooled connections besides the failovers.
+        max_retries: config.upstream.connect_retries + 3,
         ..ServerConf::default()
     };
     let opt = Opt {

@@ -15,6 +15,10 @@
 //! One multiplexed RESP3 connection (redis-rs `ConnectionManager`) carries commands and the
 //! subscription; it reconnects and resubscribes by itself after a Redis restart.
 //!
+//! Security: the URL may carry a password (`redis://user:password@host`) and is only ever logged
+//! through [`redact_url`]; `rediss://` connects with TLS (rustls, `ring` provider), verifying the
+//! server's certificate and name against the system's roots or `[redis] ca_file`.
+//!
 //! Outages: any error or timeout marks Redis down. While down, the request path never waits on
 //! Redis (the router uses its cache, then the rendezvous hash) and a prober pings until Redis
 //! answers. Sliding-TTL refreshes go through a bounded queue to a background task; when the queue
@@ -65,6 +69,29 @@ pub enum RedisError {
 }
 
 impl RedisError {
+    /// What an operator should check for this error, when there is more to say than the error.
+    /// The Redis URL itself is never part of an error: redis-rs errors name host and port only.
+    pub fn hint(&self) -> Option<&'static str> {
+        let RedisError::Command(e) = self else {
+            return None;
+        };
+        let text = e.to_string();
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || text.contains("WRONGPASS")
+            || text.contains("NOAUTH")
+        {
+            Some("check the user and password in [redis] url (or TETHER_REDIS_URL)")
+        } else if text.contains("certificate") || text.contains("Certificate") {
+            Some(
+                "TLS: the server certificate did not verify: check [redis] ca_file and that the certificate names the host of the URL",
+            )
+        } else if text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+            Some("TLS: check that the port serves TLS (rediss://) and the server's TLS settings")
+        } else {
+            None
+        }
+    }
+
     /// Whether Redis may still execute the command: it was sent, but no answer came in time.
     pub fn is_ambiguous(&self) -> bool {
         match self {
@@ -147,6 +174,9 @@ pub struct Refresh {
 #[derive(Default)]
 struct Liveness {
     up: AtomicBool,
+    /// [`now_ms`] when Redis last came up (start-up or reconnect): a pin this instance last
+    /// wrote or refreshed before then may have been lost with Redis's data.
+    up_since_ms: AtomicU64,
     wake_prober: Notify,
 }
 
@@ -156,7 +186,9 @@ impl Liveness {
     }
 
     fn mark_up(&self) {
-        self.up.store(true, Ordering::Release);
+        if !self.up.swap(true, Ordering::AcqRel) {
+            self.up_since_ms.store(now_ms(), Ordering::Release);
+        }
         Metrics::get().redis_up.set(1);
     }
 
@@ -216,12 +248,25 @@ impl RedisMap {
         cache: Arc<PinCache>,
         interner: Arc<Interner>,
     ) -> Result<Arc<RedisMap>, RedisError> {
+        install_crypto_provider();
         let info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
         let resp3 = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3))?;
+        let info = info.set_redis_settings(resp3);
+        let client = match &settings.ca {
+            // A private CA replaces the system's roots for this connection.
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.pem.clone()),
+                },
+            )?,
+            None => redis::Client::open(info)?,
+        };
+        let url = redact_url(&settings.url);
 
         let channel = format!("{}pins", settings.key_prefix);
         let liveness = Arc::new(Liveness::default());
@@ -279,9 +324,11 @@ impl RedisMap {
         });
         Metrics::get().redis_up.set(0);
         match map.connect().await {
-            Ok(()) => info!(url = %redact_url(&settings.url), "connected to redis"),
+            Ok(()) => {
+                info!(%url, tls = settings.url.starts_with("rediss://"), "connected to redis")
+            }
             Err(e) => {
-                warn!(url = %redact_url(&settings.url), error = %e, "redis unreachable at start-up: failing open until it answers");
+                warn!(%url, error = %e, hint = e.hint(), "redis unreachable at start-up: failing open until it answers");
                 map.liveness.wake_prober.notify_one();
             }
         }
@@ -308,6 +355,13 @@ impl RedisMap {
     /// Whether the request path should talk to Redis.
     pub fn is_up(&self) -> bool {
         self.liveness.is_up()
+    }
+
+    /// [`now_ms`] when Redis last came up. A pin refreshed at or before this instant is not known
+    /// to be in Redis any more (a restart loses what was not persisted): refresh it (the refresh
+    /// restores it, or follows what another instance wrote meanwhile).
+    pub fn up_since_ms(&self) -> u64 {
+        self.liveness.up_since_ms.load(Ordering::Acquire)
     }
 
     fn mark_down(&self, error: &RedisError) {
@@ -694,6 +748,14 @@ fn apply_push(
         // A backend this instance does not know: forget the pin, the next request reassigns.
         None => cache.remove(key),
     }
+}
+
+/// Make `ring` rustls's process-wide crypto provider, once. redis-rs builds its TLS config with
+/// the process default; relying on crate features to pick one would panic at the first `rediss://`
+/// connection if another dependency ever enabled a second provider.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed: keep it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn within<T>(

@@ -14,6 +14,7 @@
 //! `[server]` and `[admin]`, which the harness writes) so each test says what it runs.
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod rideshare;
 pub mod scenario;
 
@@ -209,18 +210,50 @@ fn kill_child(child: &mut Option<Child>) -> Option<ExitStatus> {
 // ---------------------------------------------------------------------------------------------
 
 /// A private `redis-server` on a unix socket in its own temp dir: no TCP port, no persistence.
+/// [`RedisServer::start_with`] adds a password, ACL users, a plain TCP port or a TLS port.
 pub struct RedisServer {
     child: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
+    options: RedisOptions,
+    /// `--port` when [`RedisOptions::tcp`] (else 0: no TCP listener).
+    tcp_port: Option<u16>,
+    /// `--tls-port` when [`RedisOptions::tls`].
+    tls_port: Option<u16>,
     // Last, so it is removed after the process is gone.
     dir: TempDir,
 }
+
+/// What [`RedisServer::start_with`] starts beyond the default unix-socket server.
+#[derive(Clone, Debug, Default)]
+pub struct RedisOptions {
+    /// `--requirepass`: the default user needs this password. The harness's own connections
+    /// ([`RedisServer::url`], [`RedisServer::conn`]) send it.
+    pub password: Option<String>,
+    /// ACL users `(name, password)` with every right (`--user NAME on >PASSWORD ~* &* +@all`).
+    pub users: Vec<(String, String)>,
+    /// Also listen on plain TCP, on a free loopback port ([`RedisServer::tcp_port`]).
+    pub tcp: bool,
+    /// Serve TLS on a free loopback port ([`RedisServer::tls_port`]) with a server certificate
+    /// for `127.0.0.1` and `localhost`, signed by a CA made in the temp dir
+    /// ([`RedisServer::ca_file`]); clients need no certificate (`--tls-auth-clients no`). The
+    /// unix socket stays plain.
+    pub tls: bool,
+}
+
+/// How many times a server with TCP ports is started on fresh ports when a port was taken.
+const REDIS_PORT_ATTEMPTS: u32 = 3;
 
 impl RedisServer {
     /// Starts `redis-server` and waits (10 s) until it answers PING. Panics if `redis-server` is
     /// not installed, or with the tail of its log if it does not come up.
     pub fn start() -> Self {
+        Self::start_with(RedisOptions::default())
+    }
+
+    /// [`RedisServer::start`] with a password, users, TCP or TLS. Ports are found by binding
+    /// port 0; if redis-server loses that race it is started again on fresh ports.
+    pub fn start_with(options: RedisOptions) -> Self {
         // A short prefix keeps the socket path well under the 108-byte sun_path limit.
         let dir = tempfile::Builder::new()
             .prefix("tether-redis-")
@@ -232,13 +265,67 @@ impl RedisServer {
             child: None,
             socket,
             log,
+            options,
+            tcp_port: None,
+            tls_port: None,
             dir,
         };
-        server.spawn();
-        server
+        if server.options.tls {
+            server.write_certificates();
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            server.tcp_port = server.options.tcp.then(free_port);
+            server.tls_port = server.options.tls.then(free_port);
+            match server.try_spawn() {
+                Ok(()) => return server,
+                Err(e)
+                    if attempt < REDIS_PORT_ATTEMPTS
+                        && (server.tcp_port.is_some() || server.tls_port.is_some())
+                        && server.log().contains("Address already in use") =>
+                {
+                    eprintln!("redis-server lost a port race, retrying on fresh ports: {e}");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// A CA and a server certificate (for 127.0.0.1 and localhost) signed by it, as PEM files in
+    /// the temp dir: `ca.pem`, `server.pem`, `server.key`.
+    fn write_certificates(&self) {
+        let (ca_pem, issuer) = test_ca("tether test CA");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("valid subject alt names");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "redis-server");
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let key = rcgen::KeyPair::generate().expect("generating the server key");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("signing the server certificate");
+        let write = |name: &str, text: String| {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, text)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        };
+        write("ca.pem", ca_pem);
+        write("server.pem", cert.pem());
+        write("server.key", key.serialize_pem());
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "redis-server is already running");
         // Anything redis prints before it opens its log file (bad arguments) lands here.
         let stderr = OpenOptions::new()
@@ -264,16 +351,46 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr));
+        if let Some(port) = self.tcp_port {
+            // After the `--port 0` above: the last one wins.
+            cmd.arg("--port").arg(port.to_string());
+        }
+        if self.tcp_port.is_some() || self.tls_port.is_some() {
+            cmd.arg("--bind").arg("127.0.0.1");
+        }
+        if let Some(port) = self.tls_port {
+            let file = |name: &str| self.dir.path().join(name);
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(file("server.pem"))
+                .arg("--tls-key-file")
+                .arg(file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"))
+                .arg("--tls-auth-clients")
+                .arg("no");
+        }
+        if let Some(password) = &self.options.password {
+            cmd.arg("--requirepass").arg(password);
+        }
+        for (user, password) in &self.options.users {
+            cmd.arg("--user")
+                .arg(user)
+                .arg("on")
+                .arg(format!(">{password}"))
+                .args(["~*", "&*", "+@all"]);
+        }
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == ErrorKind::NotFound => panic!("{REDIS_MISSING}"),
             Err(e) => panic!("spawning redis-server: {e}"),
         };
         self.child = Some(child);
-        self.wait_ready();
+        self.try_wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn try_wait_ready(&mut self) -> Result<(), String> {
         let url = self.url();
         let mut last_err = String::from("not tried");
         let ready = eventually_blocking(REDIS_START_TIMEOUT, || {
@@ -299,19 +416,48 @@ impl RedisServer {
             .and_then(|c| c.try_wait().ok().flatten());
         if !ready || exited.is_some() {
             kill_child(&mut self.child);
-            panic!(
+            return Err(format!(
                 "redis-server on {url} did not answer PING within {REDIS_START_TIMEOUT:?} \
                  (last error: {last_err})\n--- redis.log (tail) ---\n{}\n--- stderr ---\n{}",
                 tail(&read_lossy(&self.log), 40),
                 tail(&read_lossy(&self.dir.path().join("redis.stderr")), 20),
-            );
+            ));
+        }
+        Ok(())
+    }
+
+    /// `redis+unix:///…/redis.sock`: the form redis-rs 1.8 parses for unix sockets. Without a
+    /// password it has no query (callers add `?protocol=resp3` or `?db=` themselves); with
+    /// [`RedisOptions::password`] it ends in `?pass=<password>` (add more with `&`).
+    pub fn url(&self) -> String {
+        match &self.options.password {
+            None => format!("redis+unix://{}", self.socket.display()),
+            Some(p) => format!("redis+unix://{}?pass={p}", self.socket.display()),
         }
     }
 
-    /// `redis+unix:///…/redis.sock`: the form redis-rs 1.8 parses for unix sockets (no query;
-    /// callers add `?protocol=resp3` or `?db=` themselves).
-    pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket.display())
+    /// The plain TCP port ([`RedisOptions::tcp`]).
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.tcp_port
+    }
+
+    /// The TLS port ([`RedisOptions::tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// The CA certificate (PEM) that signed the TLS server certificate ([`RedisOptions::tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        assert!(
+            self.options.tls,
+            "ca_file: the server was started without TLS"
+        );
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The options this server was started with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.options
     }
 
     /// The unix socket's path.
@@ -367,6 +513,23 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         kill_child(&mut self.child);
     }
+}
+
+/// A new self-signed CA: its certificate (PEM) and the issuer that signs with it.
+pub fn test_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("no names");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().expect("generating the CA key");
+    let cert = params.self_signed(&key).expect("self-signing the CA");
+    (cert.pem(), rcgen::Issuer::new(params, key))
 }
 
 fn ping(url: &str) -> redis::RedisResult<()> {
@@ -784,6 +947,9 @@ pub struct BalancerOptions {
     /// `[admin] token`; the harness's own admin requests ([`Balancer::metrics`],
     /// [`Balancer::admin`]) then send it.
     pub admin_token: Option<String>,
+    /// Extra environment variables for the tether process (e.g. `TETHER_ADMIN_TOKEN`, or
+    /// `RUST_LOG`, which overrides the harness's `TETHER_TEST_LOG`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The answer of an admin request ([`Balancer::admin`]).
@@ -876,7 +1042,7 @@ impl Balancer {
             grace_period_secs: 1,
             graceful_shutdown_timeout_secs: 1,
             upgrade_sock: true,
-            admin_token: None,
+            ..BalancerOptions::default()
         };
         Self::start_with(options, config_body).await
     }
@@ -966,6 +1132,7 @@ impl Balancer {
                 "RUST_LOG",
                 std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
