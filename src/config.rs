@@ -27,6 +27,15 @@ pub const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: u64 = 128;
 /// Default path of the socket a new tether (`run -u`) takes the listeners over from.
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/tether_upgrade.sock";
+/// Default idle time a client keep-alive connection is kept open (NGINX: 75 s).
+pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 60;
+/// Default time a client has to send a whole request head (NGINX `client_header_timeout` 60 s,
+/// HAProxy `timeout http-request` commonly 10 s).
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on a request's target plus headers; larger ones get 414 or 431.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: u64 = 65_536;
+/// Default limit on the number of request header lines (HAProxy `tune.http.maxhdr`: 101).
+pub const DEFAULT_MAX_REQUEST_HEADERS: u64 = 100;
 /// Default admin listener: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default TCP connect timeout to a backend.
@@ -123,6 +132,15 @@ pub struct ServerSettings {
     pub upgrade_sock: PathBuf,
     /// One structured log line per request (target `tether::access`).
     pub access_log: bool,
+    /// Idle client keep-alive connections are closed after this.
+    pub keepalive_timeout: Duration,
+    /// A client must send a whole request head within this (after the keep-alive idle time on
+    /// a reused connection).
+    pub client_header_timeout: Duration,
+    /// Request target plus headers, in bytes; beyond it 414 (target) or 431 (headers).
+    pub max_request_header_bytes: usize,
+    /// Request header lines; beyond it 431.
+    pub max_request_headers: usize,
 }
 
 #[derive(Clone)]
@@ -568,6 +586,10 @@ mod file {
         pub upstream_keepalive_pool: Option<Spanned<u64>>,
         pub upgrade_sock: Option<Spanned<String>>,
         pub access_log: Option<bool>,
+        pub keepalive_timeout_secs: Option<Spanned<u64>>,
+        pub client_header_timeout_ms: Option<Spanned<u64>>,
+        pub max_request_header_bytes: Option<Spanned<u64>>,
+        pub max_request_headers: Option<Spanned<u64>>,
     }
 
     #[derive(Deserialize)]
@@ -718,6 +740,34 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
             PathBuf::from(DEFAULT_UPGRADE_SOCK)
         }
     };
+    let keepalive_timeout = Duration::from_secs(d.range(
+        &s.keepalive_timeout_secs,
+        "keepalive_timeout_secs",
+        DEFAULT_KEEPALIVE_TIMEOUT_SECS,
+        1,
+        3600,
+    ));
+    let client_header_timeout = Duration::from_millis(d.range(
+        &s.client_header_timeout_ms,
+        "client_header_timeout_ms",
+        DEFAULT_CLIENT_HEADER_TIMEOUT_MS,
+        100,
+        600_000,
+    ));
+    let max_request_header_bytes = d.range(
+        &s.max_request_header_bytes,
+        "max_request_header_bytes",
+        DEFAULT_MAX_REQUEST_HEADER_BYTES,
+        1024,
+        1_048_575,
+    ) as usize;
+    let max_request_headers = d.range(
+        &s.max_request_headers,
+        "max_request_headers",
+        DEFAULT_MAX_REQUEST_HEADERS,
+        8,
+        255,
+    ) as usize;
     (!listen.is_empty()).then(|| ServerSettings {
         listen,
         threads,
@@ -726,6 +776,10 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         upstream_keepalive_pool: pool,
         upgrade_sock,
         access_log: s.access_log.unwrap_or(true),
+        keepalive_timeout,
+        client_header_timeout,
+        max_request_header_bytes,
+        max_request_headers,
     })
 }
 

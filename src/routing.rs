@@ -400,12 +400,36 @@ impl ProxyHttp for Router {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let server = &ctx.live.config.server;
         if self
             .state
             .stopping
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             session.set_keepalive(None);
+        } else if session.get_keepalive().is_some() {
+            // Pingora keeps an idle HTTP/1.1 connection forever; bound it. Only where keep-alive
+            // is on: Pingora turns it off for requests it must not reuse (CL + TE).
+            session.set_keepalive(Some(server.keepalive_timeout.as_secs()));
+        }
+        // Pingora accepts heads up to 1 MB; answer big ones as NGINX and HAProxy do.
+        let req = session.req_header();
+        let target = req.raw_path().len();
+        let headers: usize = req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let too_many = req.headers.len() > server.max_request_headers;
+        if too_many || target + headers > server.max_request_header_bytes {
+            let status = if !too_many && target > server.max_request_header_bytes / 2 {
+                414
+            } else {
+                431
+            };
+            // Counted in tether_requests_total{backend="none",class="4xx"} by `logging`.
+            session.respond_error(status).await?;
+            return Ok(true);
         }
         if session.is_upgrade_req() {
             // Pingora's downstream read timeout (60 s) would cut idle WebSockets.
@@ -489,6 +513,16 @@ impl ProxyHttp for Router {
             e.set_retry(false);
         }
         e
+    }
+
+    /// Mark every connection that served a request, so that Pingora can tell a reused one (its
+    /// head timeout then starts after the keep-alive idle time). A zero-sized box: no allocation.
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(()))
     }
 
     /// What Pingora's own warn/error lines say about a request: method, path and Host, never the

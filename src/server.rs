@@ -62,6 +62,11 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
+    // The whole request head must arrive within this (vendored Pingora patch, see vendor/).
+    proxy
+        .app_logic_mut()
+        .expect("a proxy service has its app")
+        .client_header_timeout = Some(config.server.client_header_timeout);
     let state_for_phases = state.clone();
     let mut admin = Service::new("tether admin".to_string(), AdminApp::new(state));
     admin.add_tcp(&config.admin.listen.to_string());

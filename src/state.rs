@@ -446,6 +446,10 @@ fn diff(old: &Config, new: &Config) -> ReloadReport {
         old.server.graceful_shutdown_timeout != new.server.graceful_shutdown_timeout,
     );
     check(
+        "server.client_header_timeout_ms",
+        old.server.client_header_timeout != new.server.client_header_timeout,
+    );
+    check(
         "server.upgrade_sock",
         old.server.upgrade_sock != new.server.upgrade_sock,
     );

@@ -950,6 +950,8 @@ pub struct BalancerOptions {
     /// Extra environment variables for the tether process (e.g. `TETHER_ADMIN_TOKEN`, or
     /// `RUST_LOG`, which overrides the harness's `TETHER_TEST_LOG`).
     pub env: Vec<(String, String)>,
+    /// Extra `[server]` lines, e.g. `keepalive_timeout_secs = 1`.
+    pub server_extra: String,
 }
 
 /// The answer of an admin request ([`Balancer::admin`]).
@@ -1077,7 +1079,10 @@ impl Balancer {
     /// The full config file text for `body` on this balancer's ports.
     pub fn config_text(&self, body: &str) -> String {
         let o = &self.options;
-        let mut server = String::new();
+        let mut server = o.server_extra.clone();
+        if !server.is_empty() && !server.ends_with('\n') {
+            server.push('\n');
+        }
         if let Some(sock) = self.upgrade_sock() {
             server.push_str(&format!("upgrade_sock = \"{}\"\n", sock.display()));
         }

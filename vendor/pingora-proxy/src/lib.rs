@@ -197,6 +197,10 @@ where
     pub upstream_modules: HttpModules,
     max_retries: usize,
     process_custom_session: Option<ProcessCustomSession<SV, C>>,
+    /// tether patch: the longest a client may take to send a request head (from the start of a
+    /// connection, or from the end of the previous response plus the keep-alive timeout);
+    /// `None`: only Pingora's per-read timeout applies.
+    pub client_header_timeout: Option<std::time::Duration>,
 }
 
 impl<SV> HttpProxy<SV, ()> {
@@ -233,6 +237,7 @@ impl<SV> HttpProxy<SV, ()> {
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: None,
+            client_header_timeout: None,
         }
     }
 }
@@ -268,6 +273,7 @@ where
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: on_custom,
+            client_header_timeout: None,
             h2_options: None,
         }
     }
@@ -326,6 +332,7 @@ where
     async fn handle_new_request(
         &self,
         mut downstream_session: Box<HttpSession>,
+        reused: bool,
     ) -> Option<Box<HttpSession>>
     where
         SV: ProxyHttp + Send + Sync,
@@ -333,9 +340,31 @@ where
     {
         // phase 1 read request header
 
+        // tether patch: bound the whole request head, not each read (a client dribbling a byte
+        // per minute otherwise holds the connection for as long as the 1 MB head limit allows).
+        let head_limit = self.client_header_timeout.map(|t| match downstream_session.get_keepalive() {
+            Some(idle) if reused && idle > 0 => t + std::time::Duration::from_secs(idle),
+            _ => t,
+        });
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = downstream_session.read_request() => { res }
+            res = async {
+                match head_limit {
+                    Some(limit) => match tokio::time::timeout(limit, downstream_session.read_request()).await {
+                        Ok(res) => Some(res),
+                        Err(_) => None,
+                    },
+                    None => Some(downstream_session.read_request().await),
+                }
+            } => {
+                match res {
+                    Some(res) => res,
+                    None => {
+                        debug!("client header timeout: closing the connection");
+                        return None;
+                    }
+                }
+            }
             // tether patch: a connection accepted just before the listeners stopped may not have
             // delivered its request yet; give it SHUTDOWN_READ_GRACE before dropping it (the
             // response then says `Connection: close`, see tether's request_filter).
@@ -1449,7 +1478,7 @@ where
     ) {
         debug!("starting subrequest");
 
-        let mut session = match self.handle_new_request(session).await {
+        let mut session = match self.handle_new_request(session, false).await {
             Some(downstream_session) => Session::new(
                 downstream_session,
                 &self.downstream_modules,
@@ -1574,11 +1603,12 @@ where
     ) -> Option<ReusedHttpStream> {
         // Extract user context from the previous request before the session is moved into the Box
         let prev_user_ctx = session.take_connection_user_context();
+        let reused = prev_user_ctx.is_some();
 
         let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
-        let mut session = match self.handle_new_request(session).await {
+        let mut session = match self.handle_new_request(session, reused).await {
             Some(downstream_session) => Session::new(
                 downstream_session,
                 &self.downstream_modules,
@@ -2608,7 +2638,7 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|_| {
                 let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.handle_new_request(pending_session()).await })
+                tokio::spawn(async move { proxy.handle_new_request(pending_session(), false).await })
             })
             .collect();
         // let the tasks park in read_request()
@@ -2631,7 +2661,7 @@ mod tests {
         // wait for a notification that will never come
         let session = time::timeout(
             Duration::from_secs(5),
-            proxy.handle_new_request(pending_session()),
+            proxy.handle_new_request(pending_session(), false),
         )
         .await
         .expect("read_request parked after shutdown");
