@@ -12,10 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::rideshare::serde_json::{self, Value};
-use futures_util::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use support::faulty::{FaultyBackend, KillableApp, Mode, TOKEN_HEADER};
 use support::rideshare::{Agent, COOKIE, Rideshare, SioClient};
@@ -1664,34 +1661,6 @@ async fn a_backend_that_resets_mid_response_fails_only_those_responses() {
 // ---------------------------------------------------------------------------------------------
 // 5. Reload storm
 // ---------------------------------------------------------------------------------------------
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Open `ws://.../ws` through tether as `session`; returns the socket and its backend.
-async fn open_ws(lb: &Balancer, session: &str) -> (Ws, String) {
-    let url = format!("ws://127.0.0.1:{}/ws", lb.proxy_port());
-    let mut req = url.into_client_request().expect("a valid ws url");
-    req.headers_mut()
-        .insert(SESSION_HEADER, session.parse().expect("a valid header"));
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("websocket through tether: {e}\n{}", tail(&lb.log(), 30)));
-    let id = resp.headers()["x-backend-id"]
-        .to_str()
-        .expect("ascii id")
-        .to_owned();
-    (ws, id)
-}
-
-/// Send `text`, expect `<backend>:<text>` back within 5 s.
-async fn echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.expect("ws send");
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_owned(),
-        other => panic!("no echo for {text:?}: {other:?}"),
-    }
-}
 
 /// 50 SIGHUPs, alternating two valid files (a b c with equal weights; a with weight 3, b, and d
 /// instead of c), each waited for, under HTTP load and with a WebSocket open to each of a, b and

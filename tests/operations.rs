@@ -8,11 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use support::scenario::*;
 use support::*;
@@ -712,35 +709,6 @@ async fn a_key_can_be_looked_up_and_unpinned_on_every_instance() {
     let counted = metric_or_zero(&one, "tether_reassignments_total{reason=\"unpinned\"}").await
         + metric_or_zero(&two, "tether_reassignments_total{reason=\"unpinned\"}").await;
     assert_eq!(counted, unpins);
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Open `ws://.../ws` through tether as `session`; returns the socket and the backend that
-/// accepted the upgrade.
-async fn open_ws(lb: &Balancer, session: &str) -> (Ws, String) {
-    let url = format!("ws://127.0.0.1:{}/ws", lb.proxy_port());
-    let mut req = url.into_client_request().expect("a valid ws url");
-    req.headers_mut()
-        .insert(SESSION_HEADER, session.parse().expect("a valid header"));
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("websocket through tether: {e}\n{}", tail(&lb.log(), 30)));
-    let id = resp.headers()["x-backend-id"]
-        .to_str()
-        .expect("ascii id")
-        .to_string();
-    (ws, id)
-}
-
-/// Send `text`, expect `<backend>:<text>` back within 5 s.
-async fn echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.expect("ws send");
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_string(),
-        other => panic!("no echo for {text:?}: {other:?}"),
-    }
 }
 
 /// The 1-based line of the first occurrence of `needle` in the balancer's config file.

@@ -7,37 +7,11 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use support::scenario::*;
 use support::*;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Open `ws://.../ws` through tether with the session header; returns the socket and the backend
-/// that accepted the upgrade.
-async fn open_ws(lb: &Balancer, session: &str) -> (Ws, String) {
-    let url = format!("ws://127.0.0.1:{}/ws", lb.proxy_port());
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert(SESSION_HEADER, session.parse().unwrap());
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("websocket through tether: {e}\n{}", tail(&lb.log(), 30)));
-    let id = resp.headers()["x-backend-id"].to_str().unwrap().to_string();
-    (ws, id)
-}
-
-async fn echo(ws: &mut Ws, text: &str, lb: &Balancer) -> String {
-    ws.send(Message::text(text)).await.expect("send");
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_string(),
-        other => panic!("no echo for {text:?}: {other:?}\n{}", tail(&lb.log(), 40)),
-    }
-}
 
 fn body(backends: &[&Backend], redis: &RedisServer, extra: &str) -> String {
     config(
@@ -66,15 +40,12 @@ async fn a_websocket_follows_its_session_and_outlives_the_read_timeout() {
         let (mut ws, ws_backend) = open_ws(&lb, &session).await;
         // Round-robin would rotate; the pin sends the upgrade where the session lives.
         assert_eq!(Some(ws_backend.clone()), http_backend);
-        assert_eq!(
-            echo(&mut ws, "hello", &lb).await,
-            format!("{ws_backend}:hello")
-        );
+        assert_eq!(echo(&mut ws, "hello").await, format!("{ws_backend}:hello"));
         if n == 0 {
             // Idle for several HTTP read timeouts: the tunnel timeout governs, not the read one.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             assert_eq!(
-                echo(&mut ws, "still here", &lb).await,
+                echo(&mut ws, "still here").await,
                 format!("{ws_backend}:still here")
             );
         }
@@ -92,7 +63,7 @@ async fn many_websockets_each_echo_their_first_message() {
     for n in 0..200 {
         let (mut ws, backend) = open_ws(&lb, &format!("first-{n}")).await;
         assert_eq!(
-            echo(&mut ws, "first", &lb).await,
+            echo(&mut ws, "first").await,
             format!("{backend}:first"),
             "tunnel {n}"
         );
@@ -111,7 +82,7 @@ async fn the_tunnel_timeout_closes_an_idle_websocket() {
     ))
     .await;
     let (mut ws, _) = open_ws(&lb, "idle").await;
-    assert_eq!(echo(&mut ws, "x", &lb).await, "a:x");
+    assert_eq!(echo(&mut ws, "x").await, "a:x");
     let opened = Instant::now();
     // Idle: tether closes it at the tunnel timeout (the next read ends), not before.
     let end = tokio::time::timeout(Duration::from_secs(10), async {
@@ -166,7 +137,7 @@ async fn a_pin_cannot_expire_under_an_open_websocket() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(echo(&mut ws, "ping", &lb).await, format!("{backend}:ping"));
+    assert_eq!(echo(&mut ws, "ping").await, format!("{backend}:ping"));
 
     // Closed: the gauge drops and the pin may now lapse.
     ws.close(None).await.ok();

@@ -14,13 +14,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::{BACKEND_REBIND_TIMEOUT, POLL_INTERVAL, RedisServer, client, eventually};
+use super::{RedisServer, bind_again, client, eventually};
 
 /// The header that carries a request's idempotency token: a [`FaultyBackend`] counts how many
 /// times it received each one.
@@ -188,17 +188,8 @@ impl FaultyBackend {
     /// with the same id, mode and counts. Kills the running server first, if any.
     pub async fn restart(&mut self) {
         self.kill_and_wait().await;
-        let deadline = Instant::now() + BACKEND_REBIND_TIMEOUT;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(POLL_INTERVAL).await,
-                Err(e) => panic!(
-                    "faulty backend {}: rebinding {} for {BACKEND_REBIND_TIMEOUT:?}: {e}",
-                    self.id, self.addr
-                ),
-            }
-        };
+        let listener = TcpListener::from_std(bind_again(self.addr, &self.id).await)
+            .expect("registering the listener");
         self.server = Some(tokio::spawn(accept_loop(
             listener,
             self.id.clone(),
@@ -417,17 +408,7 @@ impl KillableApp {
     /// up to [`BACKEND_REBIND_TIMEOUT`] while the old socket goes away) and waits for `/healthz`.
     pub async fn restart(&mut self) {
         self.kill();
-        let deadline = Instant::now() + BACKEND_REBIND_TIMEOUT;
-        let listener = loop {
-            match std::net::TcpListener::bind(self.addr) {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(POLL_INTERVAL).await,
-                Err(e) => panic!(
-                    "rideshare {}: rebinding {} for {BACKEND_REBIND_TIMEOUT:?}: {e}",
-                    self.config.id, self.addr
-                ),
-            }
-        };
+        let listener = bind_again(self.addr, &self.config.id).await;
         self.serve(listener).await;
     }
 

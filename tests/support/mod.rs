@@ -142,6 +142,24 @@ macro_rules! assert_eventually {
 #[allow(unused_imports)]
 pub(crate) use assert_eventually;
 
+/// Bind `addr` again after a server on it was killed, retrying for up to
+/// [`BACKEND_REBIND_TIMEOUT`] while the old sockets go away; `who` names the server in a panic.
+/// Non-blocking, ready for any runtime's `TcpListener::from_std`.
+pub async fn bind_again(addr: SocketAddr, who: &str) -> StdTcpListener {
+    let deadline = Instant::now() + BACKEND_REBIND_TIMEOUT;
+    let listener = loop {
+        match StdTcpListener::bind(addr) {
+            Ok(l) => break l,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(POLL_INTERVAL).await,
+            Err(e) => panic!("{who}: rebinding {addr} for {BACKEND_REBIND_TIMEOUT:?}: {e}"),
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    listener
+}
+
 /// A free TCP port on 127.0.0.1, found by binding port 0 and dropping the listener. Another
 /// process can take it before the caller binds it: callers that spawn a server on it must be
 /// ready to retry (as [`Balancer::start`] is).
@@ -702,17 +720,8 @@ impl Backend {
     /// recorded requests. Kills the running server first, if any.
     pub async fn restart(&mut self) {
         self.kill_and_wait().await;
-        let deadline = Instant::now() + BACKEND_REBIND_TIMEOUT;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(POLL_INTERVAL).await,
-                Err(e) => panic!(
-                    "backend {}: rebinding {} for {BACKEND_REBIND_TIMEOUT:?}: {e}",
-                    self.id, self.addr
-                ),
-            }
-        };
+        let listener = TcpListener::from_std(bind_again(self.addr, &self.id).await)
+            .expect("registering the listener");
         self.server = Some(tokio::spawn(serve(
             listener,
             self.id.clone(),

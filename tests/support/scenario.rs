@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tether::affinity::{KeyHash, KeyHasher, source_tag};
 use tether::config::KeySource;
 
-use super::{Backend, RedisServer, try_get_backend};
+use super::{Backend, Balancer, RedisServer, tail, try_get_backend};
 
 /// Three test backends named a, b and c.
 pub async fn three_backends() -> (Backend, Backend, Backend) {
@@ -334,5 +334,38 @@ impl LoadReport {
 
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
+    }
+}
+
+/// A WebSocket client stream.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Open `ws://.../ws` (the test backend's echo) through tether with the session header; returns
+/// the socket and the backend that accepted the upgrade.
+pub async fn open_ws(lb: &Balancer, session: &str) -> (Ws, String) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://127.0.0.1:{}/ws", lb.proxy_port());
+    let mut req = url.into_client_request().expect("a valid ws url");
+    req.headers_mut()
+        .insert(SESSION_HEADER, session.parse().expect("a valid header"));
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .unwrap_or_else(|e| panic!("websocket through tether: {e}\n{}", tail(&lb.log(), 30)));
+    let id = resp.headers()["x-backend-id"]
+        .to_str()
+        .expect("ascii id")
+        .to_owned();
+    (ws, id)
+}
+
+/// Send `text`, expect `<backend>:<text>` back within 5 s.
+pub async fn echo(ws: &mut Ws, text: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await.expect("ws send");
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t.as_str().to_owned(),
+        other => panic!("no echo for {text:?}: {other:?}"),
     }
 }
