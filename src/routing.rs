@@ -356,6 +356,19 @@ impl Router {
     }
 }
 
+/// Displays a value, or `-` when there is none, without formatting into a `String` first
+/// (the access log writes one line per request).
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -625,12 +638,14 @@ impl ProxyHttp for Router {
         if let Some(ip) = client_ip(session) {
             // Append to any X-Forwarded-For the client sent (folding repeated headers), as
             // NGINX's $proxy_add_x_forwarded_for does.
-            let mut value = Vec::new();
+            // One buffer, the address formatted straight into it.
+            let mut value = Vec::with_capacity(48);
             for v in upstream_request.headers.get_all("x-forwarded-for") {
                 value.extend_from_slice(v.as_bytes());
                 value.extend_from_slice(b", ");
             }
-            value.extend_from_slice(ip.to_string().as_bytes());
+            std::io::Write::write_fmt(&mut value, format_args!("{ip}"))
+                .expect("writing to a Vec cannot fail");
             upstream_request.insert_header("x-forwarded-for", value)?;
         }
         // tether terminates plain HTTP only; a client cannot claim otherwise.
@@ -731,17 +746,16 @@ impl ProxyHttp for Router {
             let source = ctx
                 .key
                 .as_ref()
-                .and_then(|k| ctx.live.config.affinity.sources.get(k.source))
-                .map(|s| s.to_string());
+                .and_then(|k| ctx.live.config.affinity.sources.get(k.source));
             info!(
                 target: "tether::access",
-                client = %client_ip(session).map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+                client = %OrDash(client_ip(session)),
                 method = %req.method,
                 path = req.uri.path(),
                 status,
                 backend = backend.as_ref().map_or("-", |g| &*g.backend().id),
-                key = %ctx.key.as_ref().map_or_else(|| "-".to_string(), |k| k.hash.to_string()),
-                source = source.as_deref().unwrap_or("-"),
+                key = %OrDash(ctx.key.as_ref().map(|k| k.hash)),
+                source = %OrDash(source),
                 attempts = ctx.attempts,
                 upgraded = ctx.upgrade && status == 101,
                 duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,

@@ -425,52 +425,63 @@ fn decode_admin_state(v: &str) -> Option<AdminState> {
     }
 }
 
+/// Whether the `[redis]` settings differ (compared field by field: `Debug` hides the URL).
+fn redis_differs(old: &Config, new: &Config) -> bool {
+    match (&old.redis, &new.redis) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.url != b.url || a.key_prefix != b.key_prefix || a.timeout != b.timeout || a.ca != b.ca
+        }
+        _ => true,
+    }
+}
+
 /// What changed between two configurations, for the reload report.
 fn diff(old: &Config, new: &Config) -> ReloadReport {
     let ids = |c: &Config| c.backends.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
     let (old_ids, new_ids) = (ids(old), ids(new));
-    let mut restart_required = Vec::new();
-    let mut check = |name: &str, changed: bool| {
-        if changed {
-            restart_required.push(name.to_string());
-        }
-    };
-    check("server.listen", old.server.listen != new.server.listen);
-    check("server.threads", old.server.threads != new.server.threads);
-    check(
-        "server.grace_period_secs",
-        old.server.grace_period != new.server.grace_period,
-    );
-    check(
-        "server.graceful_shutdown_timeout_secs",
-        old.server.graceful_shutdown_timeout != new.server.graceful_shutdown_timeout,
-    );
-    check(
-        "server.client_header_timeout_ms",
-        old.server.client_header_timeout != new.server.client_header_timeout,
-    );
-    check(
-        "server.upgrade_sock",
-        old.server.upgrade_sock != new.server.upgrade_sock,
-    );
-    check(
-        "server.upstream_keepalive_pool",
-        old.server.upstream_keepalive_pool != new.server.upstream_keepalive_pool,
-    );
-    check("admin.listen", old.admin.listen != new.admin.listen);
-    check(
-        "redis",
-        format!("{:?}", old.redis) != format!("{:?}", new.redis)
-            || old.redis.as_ref().map(|r| &r.url) != new.redis.as_ref().map(|r| &r.url),
-    );
-    check(
-        "affinity.hash_key",
-        old.affinity.hash_key != new.affinity.hash_key,
-    );
-    check(
-        "affinity.cache_entries",
-        old.affinity.cache_entries != new.affinity.cache_entries,
-    );
+    // Bound at start-up: Pingora's listeners, runtimes and proxy settings, the Redis connection,
+    // the key hash and the cache are built once.
+    let (o, n) = (old, new);
+    let bound = [
+        ("server.listen", o.server.listen != n.server.listen),
+        ("server.threads", o.server.threads != n.server.threads),
+        (
+            "server.grace_period_secs",
+            o.server.grace_period != n.server.grace_period,
+        ),
+        (
+            "server.graceful_shutdown_timeout_secs",
+            o.server.graceful_shutdown_timeout != n.server.graceful_shutdown_timeout,
+        ),
+        (
+            "server.client_header_timeout_ms",
+            o.server.client_header_timeout != n.server.client_header_timeout,
+        ),
+        (
+            "server.upgrade_sock",
+            o.server.upgrade_sock != n.server.upgrade_sock,
+        ),
+        (
+            "server.upstream_keepalive_pool",
+            o.server.upstream_keepalive_pool != n.server.upstream_keepalive_pool,
+        ),
+        ("admin.listen", o.admin.listen != n.admin.listen),
+        ("redis", redis_differs(o, n)),
+        (
+            "affinity.hash_key",
+            o.affinity.hash_key != n.affinity.hash_key,
+        ),
+        (
+            "affinity.cache_entries",
+            o.affinity.cache_entries != n.affinity.cache_entries,
+        ),
+    ];
+    let restart_required = bound
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name.to_string())
+        .collect();
     ReloadReport {
         added: new_ids
             .iter()

@@ -163,6 +163,18 @@ fn nack(ack: AckSender<impl Adapter>, error: &str) {
     let _ = ack.send(&json!({ "ok": false, "error": error }));
 }
 
+/// The ride a socket event names, or the error its ack carries.
+async fn load_ride(rt: &Realtime, id: &str) -> Result<Ride, &'static str> {
+    match rt.rides.get(id).await {
+        Ok(Some(ride)) => Ok(ride),
+        Ok(None) => Err("ride not found"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read ride");
+            Err("store unavailable, try again")
+        }
+    }
+}
+
 async fn join_ride<A: Adapter>(
     socket: SocketRef<A>,
     Extension(user): Extension<User>,
@@ -173,13 +185,9 @@ async fn join_ride<A: Adapter>(
     let Ok(req) = req else {
         return nack(ack, "expected {\"rideId\": \"...\"}");
     };
-    let ride = match rt.rides.get(&req.ride_id).await {
-        Ok(Some(ride)) => ride,
-        Ok(None) => return nack(ack, "ride not found"),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read ride");
-            return nack(ack, "store unavailable, try again");
-        }
+    let ride = match load_ride(&rt, &req.ride_id).await {
+        Ok(ride) => ride,
+        Err(why) => return nack(ack, why),
     };
     if !is_party(&ride, &user) {
         return nack(ack, "only the ride's rider or driver can join it");
@@ -205,13 +213,9 @@ async fn location_update<A: Adapter>(
     if let Err(e) = check_coords(req.lat, req.lng) {
         return nack(ack, &e);
     }
-    let ride = match rt.rides.get(&req.ride_id).await {
-        Ok(Some(ride)) => ride,
-        Ok(None) => return nack(ack, "ride not found"),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read ride");
-            return nack(ack, "store unavailable, try again");
-        }
+    let ride = match load_ride(&rt, &req.ride_id).await {
+        Ok(ride) => ride,
+        Err(why) => return nack(ack, why),
     };
     if user.role != Role::Driver || ride.driver.as_deref() != Some(user.name.as_str()) {
         return nack(ack, "only the ride's driver can send its location");
