@@ -1266,6 +1266,29 @@ impl Balancer {
         }
     }
 
+    /// Panics for an admin request that got no response, saying why (timeout, connect, a
+    /// closed connection), whether tether is still running, and the tail of its log.
+    fn admin_failed(&self, method: &str, url: &str, e: &reqwest::Error) -> ! {
+        let mut cause = String::new();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            cause.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        let alive = match self.child.as_ref() {
+            // SAFETY: kill(2) with signal 0 only checks; the pid is our own unreaped child.
+            Some(c) => unsafe { libc::kill(c.id() as libc::pid_t, 0) == 0 },
+            None => false,
+        };
+        panic!(
+            "{method} {url}: {e}{cause} (timeout: {}, connect: {}; tether running: {alive})\n\
+             --- tether log ---\n{}",
+            e.is_timeout(),
+            e.is_connect(),
+            tail(&self.log(), 40)
+        );
+    }
+
     /// GET `/metrics` on the admin listener; panics unless it answers 200.
     pub async fn metrics(&self) -> String {
         let url = self.admin_url("/metrics");
@@ -1276,7 +1299,7 @@ impl Balancer {
         let resp = req
             .send()
             .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            .unwrap_or_else(|e| self.admin_failed("GET", &url, &e));
         assert_eq!(resp.status(), StatusCode::OK, "GET {url}");
         resp.text()
             .await
@@ -1330,7 +1353,7 @@ impl Balancer {
         let resp = req
             .send()
             .await
-            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            .unwrap_or_else(|e| self.admin_failed(method.as_str(), &url, &e));
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp
