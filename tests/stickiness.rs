@@ -336,3 +336,42 @@ async fn an_active_session_slides_its_ttl_and_an_idle_one_expires() {
     // Idle: Redis forgets it after one TTL.
     assert_eventually!(std::time::Duration::from_secs(10), pttl(&redis) == -2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_sources_affinity_is_off_and_every_request_is_balanced() {
+    // `sources = []`: a plain load balancer. The same session cookie and header go wherever the
+    // policy says, and nothing is pinned.
+    let redis = RedisServer::start();
+    let (a, b, c) = three_backends().await;
+    let lb = Balancer::start(&config(
+        &[&a, &b, &c],
+        Some(&redis),
+        "sources = []\npolicy = \"round_robin\"",
+    ))
+    .await;
+    let http = client();
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let (status, id, _) = get_backend(
+            &http,
+            &lb.url("/"),
+            &[
+                (SESSION_HEADER, "one-session"),
+                ("cookie", "connect.sid=s1"),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200);
+        order.push(id.expect("x-backend-id"));
+    }
+    // Round-robin: each backend twice, in one rotation.
+    assert_eq!(order[..3], order[3..], "{order:?}");
+    let distinct: HashSet<&String> = order.iter().collect();
+    assert_eq!(distinct.len(), 3, "{order:?}");
+    assert!(redis_pins(&redis).is_empty(), "nothing is pinned");
+    let m = lb.metrics().await;
+    assert_eq!(
+        metric_value(&m, "tether_affinity_lookups_total{result=\"none\"}"),
+        Some(6.0)
+    );
+}
