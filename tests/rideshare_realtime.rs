@@ -476,3 +476,223 @@ async fn embedded_mode_broadcasts_within_the_instance() {
         .await;
     rider.finish_ok(EXIT).await;
 }
+
+/// A `--stdin` client logged in as `name`/`role` on `app`; with `watch`, it sends
+/// `watchDrivers` after connecting.
+fn map_user(
+    label: &str,
+    app: &Rideshare,
+    name: &str,
+    role: &str,
+    transports: &str,
+    watch: bool,
+) -> SioClient {
+    let base = app.base();
+    let mut args = vec![
+        "--url",
+        &base,
+        "--name",
+        name,
+        "--role",
+        role,
+        "--transports",
+        transports,
+        "--stdin",
+        "--timeout",
+        "60",
+    ];
+    if watch {
+        args.push("--watch-drivers");
+    }
+    SioClient::spawn(label, &args)
+}
+
+/// The `driverPosition` events of `driver` the client received, in order.
+fn positions_of(client: &SioClient, driver: &str) -> Vec<Value> {
+    client
+        .events("driverPosition")
+        .into_iter()
+        .filter(|d| d["driver"] == driver)
+        .collect()
+}
+
+fn is_at(position: &Value, lat: f64, lng: f64) -> bool {
+    let near = |v: &Value, x: f64| v.as_f64().is_some_and(|v| (v - x).abs() < 1e-9);
+    near(&position["lat"], lat) && near(&position["lng"], lng)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_watcher_hears_every_driver_position_on_every_instance_and_no_one_else_does() {
+    let redis = RedisServer::start();
+    let i1 = Rideshare::start("i1", Some(&redis)).await;
+    let i2 = Rideshare::start("i2", Some(&redis)).await;
+    let i3 = Rideshare::start("i3", Some(&redis)).await;
+
+    // Watchers on instances 1 (a rider, WebSocket) and 2 (a driver who sends nothing,
+    // long-polling only); a rider on instance 2 who does not watch; the driver who sends, on
+    // instance 3, does not watch either.
+    let mut erin = map_user("erin@i1", &i1, "erin", "rider", "websocket", true);
+    let mut frank = map_user("frank@i2", &i2, "frank", "driver", "polling", true);
+    let mut gina = map_user("gina@i2", &i2, "gina", "rider", "polling,websocket", false);
+    let mut bob = map_user("bob@i3", &i3, "bob", "driver", "websocket", false);
+    for (client, instance) in [(&erin, "i1"), (&frank, "i2")] {
+        let ack = client.wait_ack(WAIT, "watchDrivers", 1).await;
+        assert_eq!(ack["ok"], true, "{}", client.transcript());
+        assert_eq!(ack["data"]["instance"], instance, "{}", client.transcript());
+    }
+    assert_eq!(
+        frank.of_type("connected")[0]["transport"],
+        "polling",
+        "{}",
+        frank.transcript()
+    );
+    for client in [&gina, &bob] {
+        client
+            .wait_for(WAIT, "connected", |l| {
+                l.iter().any(|l| l["type"] == "connected")
+            })
+            .await;
+    }
+
+    // Each position is acknowledged after its broadcast and reaches both watchers before the
+    // next is sent (the client prints events from several threads, so order is checked this
+    // way rather than from two messages in flight at once).
+    const POSITIONS: usize = 3;
+    let at = |n: usize| (48.86 + n as f64 * 0.001, 2.34 + n as f64 * 0.001);
+    for n in 0..POSITIONS {
+        let (lat, lng) = at(n);
+        bob.send(&format!("position {lat} {lng}"));
+        let ack = bob.wait_ack(WAIT, "driverPosition", n + 1).await;
+        assert_eq!(ack["ok"], true, "{}", bob.transcript());
+        assert_eq!(ack["data"]["instance"], "i3");
+        for client in [&erin, &frank] {
+            client
+                .wait_for(WAIT, &format!("driverPosition #{}", n + 1), |_| {
+                    positions_of(client, "bob").len() == n + 1
+                })
+                .await;
+            let position = &positions_of(client, "bob")[n];
+            assert!(is_at(position, lat, lng), "in order: {position}");
+            assert_eq!(
+                position["instance"], "i3",
+                "emitted by the sender's instance"
+            );
+        }
+    }
+
+    // A rider may watch but not send: refused, and broadcast to no one.
+    erin.send("position 1 1");
+    let ack = erin.wait_ack(WAIT, "driverPosition", 1).await;
+    assert_eq!(ack["ok"], false, "{}", erin.transcript());
+    assert_eq!(ack["data"]["error"], "only drivers send their position");
+
+    // A marker from bob, sent after everything above and once gina watches too. When all three
+    // watchers have it, anything broadcast before it has reached them too: an instance emits to
+    // its own sockets and publishes to Redis before it acks, and Redis delivers to each
+    // subscriber in the order it received the publishes.
+    gina.send("watch");
+    let ack = gina.wait_ack(WAIT, "watchDrivers", 1).await;
+    assert_eq!(ack["data"]["instance"], "i2", "{}", gina.transcript());
+    bob.send("position 10 20");
+    assert_eq!(
+        bob.wait_ack(WAIT, "driverPosition", POSITIONS + 1).await["ok"],
+        true
+    );
+    for client in [&erin, &frank, &gina] {
+        client
+            .wait_for(WAIT, "the marker", |_| {
+                positions_of(client, "bob")
+                    .iter()
+                    .any(|p| is_at(p, 10.0, 20.0))
+            })
+            .await;
+    }
+
+    // Exited clients have printed everything they received.
+    for client in [&mut erin, &mut frank, &mut gina, &mut bob] {
+        client.finish_ok(EXIT).await;
+    }
+    for client in [&erin, &frank] {
+        let all = client.events("driverPosition");
+        assert_eq!(all.len(), POSITIONS + 1, "{}", client.transcript());
+        assert_eq!(positions_of(client, "bob").len(), POSITIONS + 1);
+    }
+    assert_eq!(
+        gina.events("driverPosition").len(),
+        1,
+        "only the marker, sent after gina watched\n{}",
+        gina.transcript()
+    );
+    assert!(
+        bob.events("driverPosition").is_empty(),
+        "the sender does not watch\n{}",
+        bob.transcript()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watching_driver_hears_itself_and_bad_positions_are_refused() {
+    let app = Rideshare::start("solo", None).await;
+    let mut bob = map_user("bob", &app, "bob", "driver", "polling,websocket", false);
+    let mut alice = map_user("alice", &app, "alice", "rider", "websocket", true);
+    assert_eq!(alice.wait_ack(WAIT, "watchDrivers", 1).await["ok"], true);
+
+    // watchDrivers takes any data, or none, as often as it comes.
+    bob.send("emit watchDrivers 42");
+    let ack = bob.wait_ack(WAIT, "watchDrivers", 1).await;
+    assert_eq!(ack["ok"], true, "{}", bob.transcript());
+    assert_eq!(ack["data"]["instance"], "solo");
+    bob.send("watch");
+    assert_eq!(bob.wait_ack(WAIT, "watchDrivers", 2).await["ok"], true);
+
+    // Bad positions: refused with the reason, broadcast to no one (the sender included).
+    let bad = [
+        ("position 91 0", "lat must be between -90 and 90, got 91"),
+        (
+            "position 0 -180.5",
+            "lng must be between -180 and 180, got -180.5",
+        ),
+        (
+            r#"emit driverPosition '{"lat": 1}'"#,
+            r#"expected {"lat": number, "lng": number}"#,
+        ),
+        (
+            "emit driverPosition",
+            r#"expected {"lat": number, "lng": number}"#,
+        ),
+    ];
+    for (n, (command, error)) in bad.iter().enumerate() {
+        bob.send(command);
+        let ack = bob.wait_ack(WAIT, "driverPosition", n + 1).await;
+        assert_eq!(ack["ok"], false, "{command}: {}", bob.transcript());
+        assert_eq!(ack["data"]["error"], *error, "{command}");
+    }
+    // A rider is refused as a rider, whatever it sends.
+    alice.send("emit driverPosition 42");
+    assert_eq!(
+        alice.wait_ack(WAIT, "driverPosition", 1).await["data"]["error"],
+        "only drivers send their position"
+    );
+
+    // A good one: both watchers hear it, the driver too since it watches.
+    bob.send("position 48.9 2.3");
+    let ack = bob.wait_ack(WAIT, "driverPosition", bad.len() + 1).await;
+    assert_eq!(ack["ok"], true, "{}", bob.transcript());
+    for client in [&alice, &bob] {
+        client
+            .wait_for(WAIT, "bob's position", |_| {
+                !client.events("driverPosition").is_empty()
+            })
+            .await;
+    }
+    for client in [&mut alice, &mut bob] {
+        client.finish_ok(EXIT).await;
+    }
+    for client in [&alice, &bob] {
+        let all = client.events("driverPosition");
+        assert_eq!(all.len(), 1, "{}", client.transcript());
+        assert_eq!(all[0]["driver"], "bob");
+        assert_eq!(all[0]["instance"], "solo");
+        assert!(is_at(&all[0], 48.9, 2.3), "{}", all[0]);
+    }
+}

@@ -1,15 +1,23 @@
-//! Socket.IO: sockets authenticated by the session cookie, one room per ride (`ride:<id>`),
-//! driver locations and ride status changes broadcast to the ride's room on every instance
-//! (through the Redis adapter; locally in embedded mode).
+//! Socket.IO: sockets authenticated by the session cookie, one room per ride (`ride:<id>`) and
+//! one for the map of cars around you (`drivers`), driver locations and ride status changes
+//! broadcast to their room on every instance (through the Redis adapter; locally in embedded
+//! mode).
 //!
-//! Events (client -> server, answered through the ack):
+//! Events (client -> server, answered through the ack if the client asks for one; a refusal is
+//! `{"ok": false, "error"}`):
 //! - `joinRide {"rideId"}`: the ride's rider or driver joins its room;
-//!   ack `{"ok": true, "ride": {...}, "instance"}` or `{"ok": false, "error"}`.
+//!   ack `{"ok": true, "ride": {...}, "instance"}`.
 //! - `locationUpdate {"rideId", "lat", "lng"}` (the ride's driver): the room hears
 //!   `location {"rideId", "lat", "lng", "driver", "instance"}`.
+//! - `watchDrivers` (any data or none; any user): joins the room `drivers`;
+//!   ack `{"ok": true, "instance"}`.
+//! - `driverPosition {"lat", "lng"}` (any driver, no ride needed): the room `drivers` hears
+//!   `driverPosition {"driver", "lat", "lng", "instance"}`, the sender too if it watches;
+//!   ack `{"ok": true, "instance"}` after the broadcast.
 //!
-//! Server -> client: `hello {"name", "role", "instance"}` after connecting, `location`, and
-//! `rideStatus {"rideId", "status", "driver", "rider", "instance"}` (sent by the HTTP handlers).
+//! Server -> client: `hello {"name", "role", "instance"}` after connecting, `location`,
+//! `driverPosition`, and `rideStatus {"rideId", "status", "driver", "rider", "instance"}` (sent
+//! by the HTTP handlers).
 //!
 //! Owns the socket handlers and the type-erased emitter the HTTP side uses; the pub/sub driver
 //! is in `pubsub`.
@@ -35,6 +43,10 @@ pub struct Realtime {
     pub sessions: Sessions,
     pub rides: Rides,
 }
+
+/// The room of the sockets that watch every driver's position (`watchDrivers`): one room for
+/// everybody, so one `driverPosition` is one broadcast whatever the number of watchers.
+pub const DRIVERS_ROOM: &str = "drivers";
 
 /// The room of a ride.
 pub fn room(ride_id: &str) -> String {
@@ -142,6 +154,8 @@ async fn on_connect<A: Adapter>(
     }
     socket.on("joinRide", join_ride);
     socket.on("locationUpdate", location_update);
+    socket.on("watchDrivers", watch_drivers);
+    socket.on("driverPosition", driver_position);
 }
 
 #[derive(Deserialize)]
@@ -154,6 +168,12 @@ struct JoinRide {
 #[serde(rename_all = "camelCase")]
 struct LocationUpdate {
     ride_id: String,
+    lat: f64,
+    lng: f64,
+}
+
+#[derive(Deserialize)]
+struct DriverPosition {
     lat: f64,
     lng: f64,
 }
@@ -241,6 +261,58 @@ async fn location_update<A: Adapter>(
         }
         Err(e) => {
             tracing::warn!(error = %e, ride = %ride.id, "location broadcast failed");
+            nack(ack, "broadcast failed (is Redis down?), try again");
+        }
+    }
+}
+
+/// Joins [`DRIVERS_ROOM`]. Whatever data came with the event is ignored.
+async fn watch_drivers<A: Adapter>(
+    socket: SocketRef<A>,
+    State(rt): State<Realtime>,
+    ack: AckSender<A>,
+) {
+    socket.join(DRIVERS_ROOM);
+    tracing::debug!(sid = %socket.id, "watching drivers");
+    let _ = ack.send(&json!({ "ok": true, "instance": rt.id }));
+}
+
+/// Broadcasts a driver's position to [`DRIVERS_ROOM`]. No store access: the user comes from the
+/// socket's extensions, so the cost is one publish to Redis (each instance then emits to its own
+/// watchers).
+async fn driver_position<A: Adapter>(
+    socket: SocketRef<A>,
+    Extension(user): Extension<User>,
+    State(rt): State<Realtime>,
+    TryData(req): TryData<DriverPosition>,
+    ack: AckSender<A>,
+) {
+    if user.role != Role::Driver {
+        return nack(ack, "only drivers send their position");
+    }
+    let Ok(req) = req else {
+        return nack(ack, "expected {\"lat\": number, \"lng\": number}");
+    };
+    if let Err(e) = check_coords(req.lat, req.lng) {
+        return nack(ack, &e);
+    }
+    let message = json!({
+        "driver": user.name,
+        "lat": req.lat,
+        "lng": req.lng,
+        "instance": rt.id,
+    });
+    // `within` includes this socket if it watches too.
+    match socket
+        .within(DRIVERS_ROOM)
+        .emit("driverPosition", &message)
+        .await
+    {
+        Ok(()) => {
+            let _ = ack.send(&json!({ "ok": true, "instance": rt.id }));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, driver = %user.name, "driver position broadcast failed");
             nack(ack, "broadcast failed (is Redis down?), try again");
         }
     }

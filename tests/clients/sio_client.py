@@ -10,7 +10,8 @@ Output: one JSON object per line on stdout, each with a "type":
   http          an app HTTP call: method, path, status, instance (x-backend-id), body
   ride          the ride created by --request-ride: {"ride": {...}}
   connected     Socket.IO connected: sid, transport
-  event         a server event: {"event": name, "data": ...} (hello, location, rideStatus, ...)
+  event         a server event: {"event": name, "data": ...} (hello, location, rideStatus,
+                driverPosition, ...)
   ack           an ack to one of our emits: {"event", "data", "ok"}
   connect_error the server refused the connection, verbatim: {"message": ...}
   http_error    a non-2xx answer to a Socket.IO HTTP request (polling), verbatim:
@@ -26,6 +27,8 @@ arguments; 3 the expected events did not arrive before --timeout.
 Commands on stdin (with --stdin), one per line; each prints an "ack" or "http" line:
   join RIDE_ID                   emit joinRide {"rideId"} and print the ack
   location RIDE_ID LAT LNG       emit locationUpdate {"rideId", "lat", "lng"} and print the ack
+  watch                          emit watchDrivers (no data) and print the ack
+  position LAT LNG               emit driverPosition {"lat", "lng"} and print the ack
   emit EVENT [JSON]              emit any event (with an ack, waited for up to 15 s)
   http METHOD PATH [JSON]        an HTTP call with the session's cookies, e.g. http POST /rides/ID/accept
   quit                           disconnect and exit (so does end of input)
@@ -36,6 +39,8 @@ Examples:
       --request-ride "Gare du Nord" "Orly" --join-created --expect-event rideStatus=1 --timeout 20
   sio_client.py --url http://127.0.0.1:8080 --name bob --role driver --transports polling \
       --accept RIDE --join RIDE --send-locations 5 --interval 0.2
+  sio_client.py --url http://127.0.0.1:3001 --name erin --role rider --watch-drivers \
+      --expect-event driverPosition=3
 Install: python3 -m pip install -r tests/clients/requirements.txt
 """
 
@@ -117,6 +122,8 @@ def parse_args(argv):
                    help="join the ride made by --request-ride")
     p.add_argument("--send-locations", type=int, default=0, metavar="K",
                    help="(driver) emit K locationUpdate for the first joined ride")
+    p.add_argument("--watch-drivers", action="store_true",
+                   help="emit watchDrivers after connecting (and after the joins)")
     p.add_argument("--interval", type=float, default=0.1,
                    help="seconds between location updates (default 0.1)")
     p.add_argument("--expect", type=int, metavar="N",
@@ -267,7 +274,8 @@ class Run:
     # --- the run ------------------------------------------------------------------------------
 
     def script(self):
-        """Login, HTTP steps, connect, joins, locations. Returns False on a fatal error."""
+        """Login, HTTP steps, connect, joins, watchDrivers, locations. Returns False on a fatal
+        error."""
         a = self.args
         if not a.no_login:
             status, _ = self.call("POST", "/login", {"name": a.name, "role": a.role})
@@ -298,6 +306,9 @@ class Run:
             if not self.emit_ack("joinRide", {"rideId": ride_id}):
                 self.error(f"joinRide {ride_id} refused")
                 return False
+        if a.watch_drivers and not self.emit_ack("watchDrivers", None):
+            self.error("watchDrivers refused")
+            return False
         if a.send_locations:
             if not joins:
                 self.error("--send-locations needs a ride: --join or --join-created")
@@ -358,6 +369,10 @@ class Run:
                 elif cmd == "location" and len(rest) == 3:
                     self.emit_ack("locationUpdate",
                                   {"rideId": rest[0], "lat": float(rest[1]), "lng": float(rest[2])})
+                elif cmd == "watch" and not rest:
+                    self.emit_ack("watchDrivers", None)
+                elif cmd == "position" and len(rest) == 2:
+                    self.emit_ack("driverPosition", {"lat": float(rest[0]), "lng": float(rest[1])})
                 elif cmd == "emit" and len(rest) in (1, 2):
                     self.emit_ack(rest[0], json.loads(rest[1]) if len(rest) == 2 else None)
                 elif cmd == "http" and len(rest) in (2, 3):
