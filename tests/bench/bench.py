@@ -1,0 +1,541 @@
+#!/usr/bin/env python3
+"""tether's benchmark driver (run it through tests/bench/run.sh, which installs and builds).
+
+Starts, on ports it picks: a Redis of its own (unix socket), three static backends
+(tether-bench backends), and in front of them tether (sticky on the `sid` cookie, Redis),
+tether with affinity off (`sources = []`, no Redis: the bare Pingora path), HAProxy (stick-table
+on the `sid` cookie), NGINX (`hash $cookie_sid consistent`), plus the direct backend. Every proxy
+gets one worker thread or process. Then, targets interleaved (A B C D E) for --rounds rounds:
+
+  s1  keep-alive GETs, 1,000 distinct session cookies already pinned (wrk -t1 -c64)
+  s2  every request a new session (the first-assignment path), same figures + Redis commands
+  s3  WebSocket echo, 1,000 connections, 32-byte messages, closed loop: messages/s, p99
+  s4  10,000 idle WebSockets held through the proxy: proxy RSS, bytes per connection
+  s5  Socket.IO broadcast fan-out through tether to 1,000 clients on three rideshare instances
+      (the `drivers` room): emit-to-receipt p50/p99, messages lost
+
+and prints medians (min-max) with each proxy's ratio to direct, and writes them as markdown.
+CPU per request is the proxy's user+system time (all its threads and processes) over the
+requests wrk counted. Redis commands per request are Redis' total_commands_processed over the
+same window (minus the reads of that counter).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HERE = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}; see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on {port} within {timeout}s")
+
+
+def say(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Procs:
+    """Every process we start, stopped by pid at the end."""
+
+    def __init__(self, work):
+        self.work = work
+        self.all = []
+
+    def start(self, name, cmd, **kw):
+        log = open(self.work / f"{name}.log", "wb")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        self.all.append((name, p))
+        return p
+
+    def stop_all(self):
+        for _, p in reversed(self.all):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.time() + 10
+        for _, p in reversed(self.all):
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def cpu_secs(pids):
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+class Redis:
+    def __init__(self, sock):
+        self.sock = sock
+
+    def command(self, *args):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(self.sock))
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(str(a))}\r\n{a}\r\n" for a in args)
+        s.sendall(payload.encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(b"$"):
+                n = int(data[1:data.index(b"\r\n")])
+                if len(data) >= data.index(b"\r\n") + 2 + n + 2:
+                    break
+            elif data.endswith(b"\r\n"):
+                break
+        s.close()
+        return data.decode(errors="replace")
+
+    def commands_processed(self):
+        m = re.search(r"total_commands_processed:(\d+)", self.command("INFO", "stats"))
+        return int(m.group(1))
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+def tether_conf(work, name, port, admin, backends, sources, redis_sock):
+    lines = [
+        "[server]",
+        f'listen = ["127.0.0.1:{port}"]',
+        "threads = 1",
+        "grace_period_secs = 0",
+        "graceful_shutdown_timeout_secs = 0",
+        f'upgrade_sock = "{work}/{name}-upgrade.sock"',
+        "access_log = false",
+        "keepalive_timeout_secs = 600",
+        "[admin]",
+        f'listen = "127.0.0.1:{admin}"',
+        "[upstream]",
+        "tunnel_timeout_secs = 3600",
+        "[affinity]",
+        f"sources = {json.dumps(sources)}",
+        'policy = "least_connections"' if sources else 'policy = "round_robin"',
+        'hash_key = "bench only: not a secret at all"',
+    ]
+    if redis_sock:
+        lines += ["[redis]", f'url = "redis+unix://{redis_sock}"']
+    for bid, addr in backends:
+        lines += ["[[backend]]", f'id = "{bid}"', f'address = "{addr}"']
+    path = work / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def nofile_limit():
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def haproxy_conf(work, port, backends):
+    servers = "\n".join(f"    server {bid} {addr}" for bid, addr in backends)
+    path = work / "haproxy.cfg"
+    path.write_text(f"""global
+    nbthread 1
+    maxconn {(nofile_limit() - 200) // 2}
+    log stderr format raw local0 emerg
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    option http-keep-alive
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    balance leastconn
+    stick-table type string len 64 size 10m expire 24h
+    stick on req.cook(sid)
+{servers}
+""")
+    return path
+
+
+def nginx_conf(work, port, backends):
+    servers = "\n".join(f"        server {addr};" for _, addr in backends)
+    (work / "nginx").mkdir(exist_ok=True)
+    path = work / "nginx.conf"
+    path.write_text(f"""worker_processes 1;
+worker_rlimit_nofile {nofile_limit()};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections {nofile_limit() - 200}; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx;
+    proxy_temp_path {work}/nginx;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    upstream be {{
+        hash $cookie_sid consistent;
+{servers}
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://be;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+""")
+    return path
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def wrk(port, script, secs, args=(), conns=64):
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-s", str(script),
+           f"http://127.0.0.1:{port}/", "--", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    r["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    for pct in ("50", "99"):
+        r[f"p{pct}_ms"] = parse_ms(re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M).group(1))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    r["errors"] = errors
+    return r
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True, help="directory with tether, rideshare, tether-bench")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secs", type=int, default=10, help="seconds per measured run")
+    ap.add_argument("--only", default="s1,s2,s3,s4,s5")
+    ap.add_argument("--targets", default="direct,tether,tether-noaff,haproxy,nginx",
+                    help="which targets to measure, in this order")
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--out", default=str(HERE / "results.md"))
+    ap.add_argument("--json", default=None, help="also write every raw figure here")
+    a = ap.parse_args()
+    # A proxy holds two descriptors per WebSocket (client and backend side).
+    most = (nofile_limit() - 2000) // 2
+    if a.idle_conns > most:
+        say(f"s4: this machine allows {nofile_limit()} open files per process (ulimit -Hn), so a "
+            f"proxy can hold at most ~{most} WebSockets: running s4 with {most}, not {a.idle_conns}")
+        a.idle_conns = most
+    scenarios = set(a.only.split(","))
+    bindir = Path(a.bin)
+    tool = str(bindir / "tether-bench")
+
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    procs = Procs(work)
+    raw = {"machine": machine(), "rounds": a.rounds, "secs": a.secs, "runs": []}
+    try:
+        # Redis (tether's map, rideshare's sessions and broadcasts).
+        redis_sock = work / "redis.sock"
+        rp = procs.start("redis", ["redis-server", "--port", "0", "--unixsocket", str(redis_sock),
+                                   "--save", "", "--appendonly", "no", "--dir", str(work)])
+        deadline = time.time() + 10
+        while not redis_sock.exists():
+            if time.time() > deadline or rp.poll() is not None:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.05)
+        redis = Redis(redis_sock)
+
+        # Backends: one process, one thread.
+        bports = [free_port() for _ in range(3)]
+        backends = [(f"b{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(bports)]
+        bp = procs.start("backends", [tool, "backends", *[f"{b}={addr}" for b, addr in backends]])
+        for p in bports:
+            wait_port(p, bp, "backends")
+
+        targets = {}  # name -> (port, [pids] or None)
+        targets["direct"] = (bports[0], None)
+
+        port, admin = free_port(), free_port()
+        conf = tether_conf(work, "tether", port, admin, backends, ["cookie:sid"], redis_sock)
+        tp = procs.start("tether", [str(bindir / "tether"), "run", "-c", str(conf)],
+                         env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(port, tp, "tether")
+        targets["tether"] = (port, [tp.pid])
+
+        port, admin = free_port(), free_port()
+        conf = tether_conf(work, "tether-noaff", port, admin, backends, [], None)
+        np_ = procs.start("tether-noaff", [str(bindir / "tether"), "run", "-c", str(conf)],
+                          env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(port, np_, "tether (affinity off)")
+        targets["tether-noaff"] = (port, [np_.pid])
+
+        port = free_port()
+        hp = procs.start("haproxy", ["haproxy", "-db", "-f", str(haproxy_conf(work, port, backends))])
+        wait_port(port, hp, "haproxy")
+        targets["haproxy"] = (port, [hp.pid])
+
+        port = free_port()
+        ngp = procs.start("nginx", ["nginx", "-c", str(nginx_conf(work, port, backends)),
+                                    "-p", str(work), "-g", "daemon off;"])
+        wait_port(port, ngp, "nginx")
+        time.sleep(0.5)  # the worker is forked after the master listens
+        targets["nginx"] = (port, [ngp.pid, *children(ngp.pid)])
+
+        order = [t for t in a.targets.split(",") if t]
+        unknown = [t for t in order if t not in targets]
+        if unknown:
+            raise SystemExit(f"unknown targets {unknown}: choose among {list(targets)}")
+        say(f"work dir {work}; targets: " + ", ".join(f"{n}=:{targets[n][0]}" for n in order))
+        results = {}
+
+        def http_runs(scn, script, argsf):
+            for rnd in range(a.rounds):
+                for name in order:
+                    port, pids = targets[name]
+                    # Warm-up (also pins s1's sessions): not measured.
+                    wrk(port, script, 2, argsf(name, rnd, "warm"))
+                    c0 = cpu_secs(pids) if pids else None
+                    r0 = redis.commands_processed()
+                    r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
+                    r1 = redis.commands_processed()
+                    if pids:
+                        r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
+                    if name == "tether":
+                        # Two INFO calls are counted in between (ours).
+                        r["redis_cmds_per_req"] = max(0, r1 - r0 - 1) / max(1, r["requests"])
+                    say(f"{scn} round {rnd + 1} {name}: {fmt_run(r)}")
+                    results.setdefault(scn, {}).setdefault(name, []).append(r)
+                    raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **r})
+
+        if "s1" in scenarios:
+            http_runs("s1", HERE / "sessions.lua", lambda n, r, w: ["1000"])
+        if "s2" in scenarios:
+            http_runs("s2", HERE / "new_sessions.lua", lambda n, r, w: [f"{n}-{r}-{w}-{os.getpid()}"])
+
+        if "s3" in scenarios:
+            for rnd in range(a.rounds):
+                for name in order:
+                    port, pids = targets[name]
+                    c0 = cpu_secs(pids) if pids else None
+                    out = run_json([tool, "ws-echo", "--target", f"127.0.0.1:{port}",
+                                    "--conns", "1000", "--secs", str(a.secs)])
+                    if pids:
+                        out["cpu_us_per_msg"] = (cpu_secs(pids) - c0) * 1e6 / max(1, out["messages"])
+                    say(f"s3 round {rnd + 1} {name}: {out}")
+                    results.setdefault("s3", {}).setdefault(name, []).append(out)
+                    raw["runs"].append({"scenario": "s3", "round": rnd, "target": name, **out})
+
+        if "s4" in scenarios:
+            for rnd in range(a.rounds):
+                for name in order:
+                    port, pids = targets[name]
+                    measured = pids or [bp.pid]
+                    out = run_json([tool, "ws-idle", "--target", f"127.0.0.1:{port}",
+                                    "--conns", str(a.idle_conns),
+                                    "--pids", ",".join(map(str, measured))])
+                    say(f"s4 round {rnd + 1} {name}: {out}")
+                    results.setdefault("s4", {}).setdefault(name, []).append(out)
+                    raw["runs"].append({"scenario": "s4", "round": rnd, "target": name, **out})
+                    time.sleep(2)  # let the closes finish before the next target
+
+        if "s5" in scenarios:
+            sio_port = start_rideshare_stack(procs, work, bindir, redis_sock)
+            for rnd in range(a.rounds):
+                out = run_json([tool, "sio-fanout", "--target", f"127.0.0.1:{sio_port}",
+                                "--clients", "1000", "--emits", str(10 * a.secs), "--rate", "10",
+                                "--prefix", f"r{rnd}-{os.getpid()}"])
+                say(f"s5 round {rnd + 1} tether: {out}")
+                results.setdefault("s5", {}).setdefault("tether", []).append(out)
+                raw["runs"].append({"scenario": "s5", "round": rnd, "target": "tether", **out})
+
+        report = render(results, order, raw["machine"], a)
+        print(report)
+        Path(a.out).write_text(report)
+        say(f"wrote {a.out}")
+        if a.json:
+            Path(a.json).write_text(json.dumps(raw, indent=1))
+    finally:
+        procs.stop_all()
+
+
+def start_rideshare_stack(procs, work, bindir, redis_sock):
+    ports = [free_port() for _ in range(3)]
+    for i, p in enumerate(ports):
+        rp = procs.start(f"rideshare-{i + 1}", [
+            str(bindir / "rideshare"), "--id", f"rs{i + 1}", "--listen", f"127.0.0.1:{p}",
+            "--redis", f"redis+unix://{redis_sock}", "--session-secret", "bench only, not a secret"],
+            env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(p, rp, f"rideshare-{i + 1}")
+    port, admin = free_port(), free_port()
+    conf = tether_conf(work, "tether-sio", port, admin,
+                       [(f"rs{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(ports)],
+                       ["cookie:rs.sid", "query:sid"], redis_sock)
+    tp = procs.start("tether-sio", [str(bindir / "tether"), "run", "-c", str(conf)],
+                     env={**os.environ, "RUST_LOG": "warn"})
+    wait_port(port, tp, "tether (rideshare)")
+    return port
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_run(r):
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+
+
+def machine():
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    versions = {}
+    for name, cmd in [("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]),
+                      ("wrk", ["wrk", "-v"]), ("redis", ["redis-server", "--version"])]:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            versions[name] = (p.stdout + p.stderr).strip().splitlines()[0]
+        except OSError:
+            versions[name] = "not found"
+    return {"cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def med(runs, key):
+    vals = [r[key] for r in runs if key in r and r[key] == r[key]]
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def cell(runs, key, digits=1):
+    m = med(runs, key)
+    if m is None:
+        return "-"
+    fmtv = (lambda v: f"{v:,.0f}") if digits == 0 else (lambda v: f"{v:,.{digits}f}")
+    return f"{fmtv(m[0])} ({fmtv(m[1])}-{fmtv(m[2])})"
+
+
+def ratio(results, name, key):
+    base = med(results.get("direct", []), key)
+    m = med(results.get(name, []), key)
+    if not base or not m or not base[0]:
+        return "-"
+    return f"{m[0] / base[0]:.2f}"
+
+
+def render(results, order, mach, a):
+    out = ["# tether benchmark", "",
+           f"{mach['cpu']}, {mach['cores']} cores; {', '.join(mach['versions'].values())}. "
+           f"Medians of {a.rounds} interleaved rounds (min-max), {a.secs} s per run, one worker per "
+           "proxy, wrk -t1 -c64. `tests/bench/run.sh` reproduces it.", ""]
+    for scn, title in [("s1", "1. keep-alive GETs, 1,000 pinned sessions"),
+                       ("s2", "2. every request a new session")]:
+        if scn not in results:
+            continue
+        r = results[scn]
+        out += [f"## {title}", "",
+                "| target | req/s | x direct | p50 ms | p99 ms | proxy CPU us/req | Redis cmds/req | errors |",
+                "|---|---|---|---|---|---|---|---|"]
+        for n in order:
+            runs = r.get(n, [])
+            out.append(f"| {n} | {cell(runs, 'rps', 0)} | {ratio(r, n, 'rps')} | {cell(runs, 'p50_ms', 2)} | "
+                       f"{cell(runs, 'p99_ms', 2)} | {cell(runs, 'cpu_us_per_req', 1)} | "
+                       f"{cell(runs, 'redis_cmds_per_req', 3)} | {sum(x['errors'] for x in runs)} |")
+        out.append("")
+    if "s3" in results:
+        r = results["s3"]
+        out += ["## 3. WebSocket echo, 1,000 connections, 32-byte messages", "",
+                "| target | msgs/s | x direct | p50 ms | p99 ms | proxy CPU us/msg | errors |",
+                "|---|---|---|---|---|---|---|"]
+        for n in order:
+            runs = r.get(n, [])
+            out.append(f"| {n} | {cell(runs, 'msgs_per_sec', 0)} | {ratio(r, n, 'msgs_per_sec')} | "
+                       f"{cell(runs, 'p50_ms', 2)} | {cell(runs, 'p99_ms', 2)} | "
+                       f"{cell(runs, 'cpu_us_per_msg', 1)} | {sum(x['errors'] for x in runs)} |")
+        out.append("")
+    if "s4" in results:
+        r = results["s4"]
+        out += [f"## 4. {a.idle_conns:,} idle WebSockets", "",
+                "| target | RSS before MiB | RSS held MiB | bytes per connection | alive after |",
+                "|---|---|---|---|---|"]
+        for n in order:
+            runs = [dict(x, before_mib=x["rss_before_bytes"] / 2**20, held_mib=x["rss_held_bytes"] / 2**20)
+                    for x in r.get(n, [])]
+            label = n if n != "direct" else "direct (the backends' own RSS)"
+            out.append(f"| {label} | {cell(runs, 'before_mib', 1)} | {cell(runs, 'held_mib', 1)} | "
+                       f"{cell(runs, 'bytes_per_conn', 0)} | {min((x['alive_after'] for x in runs), default=0)} |")
+        out.append("")
+    if "s5" in results:
+        runs = results["s5"]["tether"]
+        out += ["## 5. Socket.IO fan-out through tether, 1,000 clients on three rideshare instances", "",
+                "| emits | p50 ms | p99 ms | max ms | lost of expected |", "|---|---|---|---|---|",
+                f"| {runs[0]['emits']} x {len(runs)} | {cell(runs, 'p50_ms', 2)} | {cell(runs, 'p99_ms', 2)} | "
+                f"{cell(runs, 'max_ms', 1)} | {sum(x['lost'] for x in runs)} of {sum(x['expected'] for x in runs)} |", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
