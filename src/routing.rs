@@ -89,9 +89,8 @@ impl State {
                 .or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
             match redis.assign(key.hash, &candidate.id).await {
                 Ok(Assigned::Won) => {
+                    // `assign` counted it in the backend's session set in the same round trip.
                     self.cache.put(key.hash, candidate.key, now, true);
-                    // Counted in the backend's session set off the request path.
-                    redis.refresh(key.hash, candidate.key);
                     m.lookup(Lookup::Miss);
                     m.assignments.with_label_values(&[policy.as_str()]).inc();
                     return Some(candidate);
@@ -101,20 +100,25 @@ impl State {
                     let pinned = decode_pin(&raw)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k));
-                    let Some(b) = pinned else {
-                        return self
-                            .reassign(live, key, Some(raw), Reassign::Removed, &[], now)
-                            .await;
-                    };
-                    return match b.pin_blocked(now) {
-                        None => {
+                    let chosen = match pinned.map(|b| (b, b.pin_blocked(now))) {
+                        Some((b, None)) => {
                             self.cache.put(key.hash, b.key, now, true);
-                            // SET NX did not touch the TTL: slide it now, off the request path.
-                            redis.refresh(key.hash, b.key);
                             Some(b.clone())
                         }
-                        Some(reason) => self.reassign(live, key, Some(raw), reason, &[], now).await,
+                        Some((_, Some(reason))) => {
+                            self.reassign(live, key, Some(raw), reason, &[], now).await
+                        }
+                        None => {
+                            self.reassign(live, key, Some(raw), Reassign::Removed, &[], now)
+                                .await
+                        }
                     };
+                    // SET NX did not touch the TTL: slide it now, off the request path, and
+                    // take the key out of the candidate's session set, where `assign` counted it.
+                    if let Some(b) = &chosen {
+                        redis.adopt(key.hash, b.key, candidate.key);
+                    }
+                    return chosen;
                 }
                 // A timeout is ambiguous: Redis may still execute the write. Stay with what it
                 // would hold, so that recovery does not move the session.

@@ -63,6 +63,27 @@ async fn two_instances_racing_on_500_new_keys_never_disagree() {
         assert_eq!(stored, Some(format!("v1:{}", seen[0])), "race-{i}");
     }
     assert_eq!(disagreements, 0);
+    // Each key is counted in exactly one backend's session set, the one its pin names: an
+    // assignment that lost the race counted the key on its own candidate and must take it out.
+    let wanted: std::collections::BTreeMap<String, usize> =
+        answers.iter().fold(Default::default(), |mut m, seen| {
+            *m.entry(seen[0].clone()).or_default() += 1;
+            m
+        });
+    let counted = |backend: &str| -> usize {
+        redis::cmd("ZCARD")
+            .arg(format!("tether:sessions:{backend}"))
+            .query(&mut redis.conn())
+            .expect("ZCARD")
+    };
+    assert_eventually!(
+        Duration::from_secs(10),
+        ["a", "b", "c"]
+            .iter()
+            .all(|b| counted(b) == wanted.get(*b).copied().unwrap_or(0)),
+        "session sets {:?}, pins {wanted:?}",
+        ["a", "b", "c"].map(counted)
+    );
     // Some first requests really did race: the loser adopted the winner's pin.
     let redis_hits = metric_value(
         &one.metrics().await,

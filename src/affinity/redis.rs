@@ -142,9 +142,11 @@ redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
 return cur
 "#;
 
-/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix. Slides the
-/// pin (or restores it if Redis lost it) and its session-set entry, on whatever backend Redis
-/// holds; returns the value Redis had (nil: restored).
+/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix, and a backend
+/// id whose session set may count the key by mistake ('' for none). Slides the pin (or restores
+/// it if Redis lost it) and its session-set entry, on whatever backend Redis holds; takes the key
+/// out of the other backend's set unless the pin names it; returns the value Redis had (nil:
+/// restored).
 const REFRESH_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local holds = cur
@@ -157,6 +159,9 @@ end
 if string.sub(holds, 1, 3) == 'v1:' then
   redis.call('ZADD', ARGV[5] .. string.sub(holds, 4), 'GT', ARGV[3], ARGV[4])
 end
+if ARGV[6] ~= '' and holds ~= 'v1:' .. ARGV[6] then
+  redis.call('ZREM', ARGV[5] .. ARGV[6], ARGV[4])
+end
 return cur
 "#;
 
@@ -168,6 +173,9 @@ const ADMIN_CHANGED: &[u8] = b"admin";
 pub struct Refresh {
     pub key: KeyHash,
     pub backend: BackendKey,
+    /// A backend whose session set counted this key when an assignment lost its race (see
+    /// [`RedisAffinity::assign`]): the refresh takes it out there, unless the pin names it.
+    pub uncount: Option<BackendKey>,
 }
 
 /// Whether Redis answers, shared by the request path, the push handler and the prober.
@@ -393,32 +401,36 @@ impl RedisMap {
         &self.admin_changed
     }
 
-    /// Run one request-path command: skipped while down, bounded by the timeout, timed, and
-    /// marking Redis down on failure.
-    async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+    /// First assignment: `SET key v1:<id> NX PX ttl GET`, pipelined with the `ZADD` that counts
+    /// the key in `id`'s session set. One round trip and no follow-up write: a new key almost
+    /// always wins. If another instance won the race, its value comes back and the caller adopts
+    /// it, then queues [`RedisAffinity::adopt`], which takes the key out of `id`'s set again.
+    pub async fn assign(&self, key: KeyHash, id: &str) -> Result<Assigned, RedisError> {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
-        let mut conn = self.conn.clone();
-        let start = Instant::now();
-        let result = within(self.timeout, cmd.query_async(&mut conn)).await;
-        Metrics::get()
-            .redis_duration
-            .observe(start.elapsed().as_secs_f64());
-        result.inspect_err(|e| self.mark_down(e))
-    }
-
-    /// First assignment: `SET key v1:<id> NX PX ttl GET`. One round trip; if another instance
-    /// won the race, its value comes back and the caller adopts it.
-    pub async fn assign(&self, key: KeyHash, id: &str) -> Result<Assigned, RedisError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.redis_key(key))
+        let ttl = self.ttl_ms();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.redis_key(key))
             .arg(encode_pin(id))
             .arg("NX")
             .arg("PX")
-            .arg(self.ttl_ms())
+            .arg(ttl)
             .arg("GET");
-        let old: Option<String> = self.call(&cmd).await?;
+        pipe.cmd("ZADD")
+            .arg(self.sessions_key(id))
+            .arg("GT")
+            .arg(unix_ms() + ttl)
+            .arg(key.to_string())
+            .ignore();
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let result = within(self.timeout, pipe.query_async(&mut conn)).await;
+        Metrics::get()
+            .redis_duration
+            .observe(start.elapsed().as_secs_f64());
+        let (old,): (Option<String>,) = result.inspect_err(|e| self.mark_down(e))?;
         Ok(match old {
             None => Assigned::Won,
             Some(v) => Assigned::Existing(v),
@@ -575,7 +587,27 @@ impl RedisMap {
     /// Queue a sliding-TTL refresh. Never waits: a full queue drops it (the pin is marked
     /// unsynced and a later request retries).
     pub fn refresh(&self, key: KeyHash, backend: BackendKey) {
-        if self.refresh_tx.try_send(Refresh { key, backend }).is_err() {
+        self.queue(Refresh {
+            key,
+            backend,
+            uncount: None,
+        });
+    }
+
+    /// After an assignment to `ours` lost its race and the key went to `backend`: slide the pin
+    /// (the `SET NX` did not) and take the key out of `ours`'s session set, where the assignment
+    /// counted it, unless Redis by then pins it to `ours`.
+    pub fn adopt(&self, key: KeyHash, backend: BackendKey, ours: BackendKey) {
+        self.queue(Refresh {
+            key,
+            backend,
+            uncount: (ours != backend).then_some(ours),
+        });
+    }
+
+    fn queue(&self, job: Refresh) {
+        let (key, backend) = (job.key, job.backend);
+        if self.refresh_tx.try_send(job).is_err() {
             Metrics::get()
                 .refreshes
                 .with_label_values(&["dropped"])
@@ -637,7 +669,12 @@ impl RedisMap {
                 .arg(ttl)
                 .arg(expiry)
                 .arg(r.key.to_string())
-                .arg(&self.sessions_prefix);
+                .arg(&self.sessions_prefix)
+                .arg(
+                    r.uncount
+                        .map_or_else(|| "".into(), |b| self.interner.name(b))
+                        .as_ref(),
+                );
         }
         let mut conn = self.conn.clone();
         let timeout = self.timeout * 4;
