@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use ::rideshare::serde_json::Value;
+use ::rideshare::serde_json::{self, Value};
 use support::RedisServer;
 use support::rideshare::{Agent, Rideshare, SioClient, pause};
 
@@ -695,4 +695,122 @@ async fn a_watching_driver_hears_itself_and_bad_positions_are_refused() {
         assert_eq!(all[0]["instance"], "solo");
         assert!(is_at(&all[0], 48.9, 2.3), "{}", all[0]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A first event emitted the moment the socket connects
+// ---------------------------------------------------------------------------------------------
+
+/// How many raw clients connect at once in
+/// [`an_event_emitted_the_moment_the_socket_connects_is_answered`].
+const RACING_CLIENTS: usize = 400;
+
+/// One raw Engine.IO v4 / Socket.IO v5 client over WebSocket, logged in with `cookie`: sends
+/// `40` on the Engine.IO open packet and `420["watchDrivers"]` in the same breath as it reads
+/// the namespace CONNECT (`40{"sid":...}`), then waits for the ack `430[{"ok":true,...}]` until
+/// `deadline`. Returns the ack's data, or the frames it saw (for the panic message).
+async fn watch_drivers_on_connect(
+    url: String,
+    cookie: String,
+    deadline: tokio::time::Instant,
+) -> Result<Value, String> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    let cookie = format!("{}={cookie}", support::rideshare::COOKIE)
+        .parse()
+        .map_err(|e| format!("cookie header: {e}"))?;
+    req.headers_mut().insert("cookie", cookie);
+    let (mut ws, _) = tokio::time::timeout_at(deadline, tokio_tungstenite::connect_async(req))
+        .await
+        .map_err(|_| "websocket handshake: deadline passed".to_owned())?
+        .map_err(|e| format!("websocket handshake: {e}"))?;
+    let result = loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => break Err("no ack before the deadline: the event was dropped".to_owned()),
+            Ok(None) => break Err("websocket closed".to_owned()),
+            Ok(Some(Err(e))) => break Err(format!("websocket error: {e}")),
+            Ok(Some(Ok(Message::Text(text)))) => text.as_str().to_owned(),
+            Ok(Some(Ok(_))) => continue,
+        };
+        seen.push(frame.clone());
+        let reply = if frame.starts_with('0') {
+            // Engine.IO open: connect to namespace `/`.
+            "40"
+        } else if frame == "2" {
+            "3"
+        } else if frame.starts_with("40") {
+            // The namespace CONNECT: emit right away, before anything else can happen.
+            r#"420["watchDrivers"]"#
+        } else if frame.starts_with("44") {
+            break Err("connect_error".to_owned());
+        } else if let Some(ack) = frame.strip_prefix("430") {
+            break serde_json::from_str::<Value>(ack)
+                .map_err(|e| format!("ack is not JSON: {e}"))
+                .map(|mut data| data[0].take());
+        } else {
+            // `hello` and anything else.
+            continue;
+        };
+        if let Err(e) = ws.send(Message::text(reply)).await {
+            break Err(format!("sending {reply}: {e}"));
+        }
+    };
+    let _ = ws.close(None).await;
+    result.map_err(|why| format!("{why}; frames received: {seen:?}"))
+}
+
+/// Regression test for a race in socketioxide 0.18 (found by a benchmark, ~1 in 2,000 clients):
+/// the server sends the namespace CONNECT packet before it runs the connect handler, and runs
+/// an async handler in a task of its own (`tokio::spawn`). A client that emits the moment it
+/// reads CONNECT (as socket.io-client does with events buffered while connecting) could reach a
+/// socket with no event handlers yet, and the event was dropped without a word: no ack, ever.
+/// The handlers are now registered in the connect middleware, before CONNECT leaves.
+///
+/// Many raw clients connect at once and each emits `watchDrivers` right on CONNECT: every one
+/// must get its ack. The load and the 8 workers (more threads than cores on a small machine, so
+/// the OS preempts them between CONNECT and the handler task) widen the window: before the fix,
+/// 1 to 11 of the 400 clients lost their event in every run of six on a 2-core machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn an_event_emitted_the_moment_the_socket_connects_is_answered() {
+    let redis = RedisServer::start();
+    let app = Rideshare::start("i1", Some(&redis)).await;
+    let mut cookies = Vec::with_capacity(RACING_CLIENTS);
+    for n in 0..RACING_CLIENTS {
+        let mut agent = Agent::new();
+        agent
+            .login(&app.base(), &format!("watcher{n}"), "rider")
+            .await;
+        cookies.push(agent.cookie.expect("login sets the session cookie"));
+    }
+
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", app.addr());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(RACING_CLIENTS));
+    let mut clients = tokio::task::JoinSet::new();
+    for (n, cookie) in cookies.into_iter().enumerate() {
+        let (url, start) = (url.clone(), start.clone());
+        clients.spawn(async move {
+            start.wait().await;
+            (n, watch_drivers_on_connect(url, cookie, deadline).await)
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(joined) = clients.join_next().await {
+        let (n, result) = joined.expect("a client task panicked");
+        match result {
+            Ok(ack) if ack["ok"] == true && ack["instance"] == "i1" => {}
+            Ok(ack) => failures.push(format!("client {n}: unexpected ack {ack}")),
+            Err(why) => failures.push(format!("client {n}: {why}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {RACING_CLIENTS} clients got no ack for the event emitted on CONNECT:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -132,6 +132,7 @@ async fn authenticate<A: Adapter>(
             user: Some(user), ..
         })) => {
             socket.extensions.insert(user);
+            register_events(&socket);
             Ok(())
         }
         Ok(_) => Err(AuthError::NotLoggedIn),
@@ -142,6 +143,21 @@ async fn authenticate<A: Adapter>(
     }
 }
 
+/// The event handlers of an authenticated socket (its user is in the extensions).
+///
+/// Called from [`authenticate`], not from [`on_connect`]: socketioxide 0.18 sends the CONNECT
+/// packet after the middleware and only then calls the connect handler, an async one in a task
+/// of its own (`tokio::spawn`), so a client that emits as soon as it reads CONNECT could find no
+/// handler yet, and socketioxide drops an event without a handler silently. A refused socket
+/// never gets here (and is discarded anyway).
+fn register_events<A: Adapter>(socket: &SocketRef<A>) {
+    socket.on("joinRide", join_ride);
+    socket.on("locationUpdate", location_update);
+    socket.on("watchDrivers", watch_drivers);
+    socket.on("driverPosition", driver_position);
+}
+
+/// Greets a connected socket; its event handlers are already there (see [`register_events`]).
 async fn on_connect<A: Adapter>(
     socket: SocketRef<A>,
     Extension(user): Extension<User>,
@@ -152,10 +168,6 @@ async fn on_connect<A: Adapter>(
     if let Err(e) = socket.emit("hello", &hello) {
         tracing::debug!(error = %e, "cannot greet socket");
     }
-    socket.on("joinRide", join_ride);
-    socket.on("locationUpdate", location_update);
-    socket.on("watchDrivers", watch_drivers);
-    socket.on("driverPosition", driver_position);
 }
 
 #[derive(Deserialize)]
