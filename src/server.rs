@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::Server;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -60,7 +61,15 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         "tether proxy",
     );
     for addr in &config.server.listen {
-        proxy.add_tcp(&addr.to_string());
+        // No read buffer in front of client sockets. Pingora's default is a 64 KiB
+        // `BufReader`, zero-filled when the connection is accepted, so every connection held
+        // 64 KiB of resident memory (an idle WebSocket through tether cost 64 KiB against
+        // HAProxy's 4 KiB, tests/bench s4); Pingora parses heads and bodies into buffers of its
+        // own anyway, so the BufReader only added a copy. Upstream sockets are unbuffered too.
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+        );
     }
     // The whole request head must arrive within this (vendored Pingora patch, see vendor/).
     proxy
