@@ -227,36 +227,20 @@ impl State {
         self.fail_open(set, key, hint, exclude, now)
     }
 
-    /// Pin `key` to `backend` now, as learned from a response body. Body filters are synchronous,
-    /// but the client's next request may reach another instance as soon as it has the body, so
-    /// the Redis write must land first: it blocks this worker for one Redis round trip (at most
-    /// `timeout_ms`) inside `block_in_place`, once per Engine.IO session.
-    fn learn_now(&self, key: KeyHash, backend: &Backend) {
+    /// Pin `key` to `backend`, as learned from an Engine.IO handshake body. The client's next
+    /// request may reach another instance as soon as it has the body, so the Redis write must land
+    /// first: [`Router::response_body_settle`] awaits this before the chunk is forwarded (one
+    /// Redis round trip, at most `timeout_ms`, once per Engine.IO session; the worker thread keeps
+    /// serving other connections meanwhile).
+    async fn learn_handshake(&self, key: KeyHash, backend: &Backend) {
         let now = now_ms();
         Metrics::get().learned.inc();
-        let Some(redis) = self.redis.as_deref().filter(|r| r.is_up()) else {
-            // In process, or Redis down (written when it returns, like any unsynced pin).
-            self.cache.put(key, backend.key, now, self.redis.is_none());
-            return;
-        };
-        let handle = tokio::runtime::Handle::current();
-        let synced = match handle.runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| {
-                handle.block_on(redis.learn(key, &backend.id)).is_ok()
-            }),
-            // Pingora without work stealing runs current-thread runtimes: write after the fact.
-            _ => {
-                let (redis, cache) = (self.redis.clone(), self.cache.clone());
-                let (id, bkey) = (backend.id.clone(), backend.key);
-                tokio::spawn(async move {
-                    if let Some(r) = redis
-                        && r.learn(key, &id).await.is_ok()
-                    {
-                        cache.update_if_cached(key, bkey, now_ms());
-                    }
-                });
-                false
-            }
+        let synced = match self.redis.as_deref() {
+            // In process: the cache is the map.
+            None => true,
+            Some(r) if r.is_up() => r.learn(key, &backend.id).await.is_ok(),
+            // Redis down: written when it returns, like any unsynced pin.
+            Some(_) => false,
         };
         self.cache.put(key, backend.key, now, synced);
         debug!(key = %key, backend = %backend.id, "learned pin from an Engine.IO handshake");
@@ -324,6 +308,9 @@ pub struct RequestCtx {
     upgrade: bool,
     /// An Engine.IO polling handshake: the start of its response body, until the sid is found.
     engine_io: Option<Vec<u8>>,
+    /// The handshake's sid, found in the body chunk being forwarded: pinned (Redis written) by
+    /// `response_body_settle` before that chunk leaves.
+    handshake_pin: Option<(KeyHash, Arc<Backend>)>,
     /// Held while the upgraded connection is open.
     tunnel: Option<TunnelGuard>,
     /// A response header arrived from a backend: from then on nothing may be retried.
@@ -411,6 +398,7 @@ impl ProxyHttp for Router {
             started: Instant::now(),
             upgrade: false,
             engine_io: None,
+            handshake_pin: None,
             tunnel: None,
             responded: false,
         }
@@ -717,13 +705,24 @@ impl ProxyHttp for Router {
                 (found.as_deref(), backend, ctx.live.engine_io_source)
             {
                 let key = ctx.live.extractor.hash_for(source, sid);
-                self.state.learn_now(key, &backend);
+                ctx.handshake_pin = Some((key, backend));
                 ctx.engine_io = None;
             } else if end_of_stream || buf.len() >= LOOK_AT {
                 ctx.engine_io = None;
             }
         }
         Ok(None)
+    }
+
+    async fn response_body_settle(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some((key, backend)) = ctx.handshake_pin.take() {
+            self.state.learn_handshake(key, &backend).await;
+        }
+        Ok(())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -44,6 +44,13 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         // Our retry policy (fail_to_connect, error_while_proxy) bounds retries; this is Pingora's
         // outer cap, with room for resends on stale pooled connections besides the failovers.
         max_retries: config.upstream.connect_retries + 3,
+        // One current-thread runtime per worker thread (Pingora's "no steal" flavour) instead of
+        // a work-stealing one: tokio's work-stealing scheduler runs the task a wake-up just made
+        // ready first (its LIFO slot), which starved some WebSockets under load (p99 74-110 ms
+        // against HAProxy's 27-30 for 1,000 echoing sockets, tests/bench s3; 35 ms without it).
+        // Nothing in tether blocks a worker: the Engine.IO pin is awaited in
+        // response_body_settle (vendored Pingora hook).
+        work_stealing: false,
         ..ServerConf::default()
     };
     let opt = Opt {

@@ -174,6 +174,15 @@ async fn engine_io_sids_are_learned_from_the_handshake_on_every_instance() {
             .unwrap()
             .to_string();
         assert!(sid.starts_with(&format!("{owner}-")), "{text}");
+        // The pin was in Redis before the handshake body reached us: a poll through any other
+        // instance, sent the moment the client has the sid, finds it.
+        let src = tether::config::KeySource::Query("sid".into());
+        let pin = format!("tether:pin:{}", key_hash(&src, &sid));
+        assert_eq!(
+            redis_get(&redis, &pin),
+            Some(format!("v1:{owner}")),
+            "sid {sid}"
+        );
         // Every poll, through either instance, reaches the backend that opened the session.
         for lb in [&one, &two, &one, &two] {
             let poll = lb.url(&format!("/socket.io/?EIO=4&transport=polling&sid={sid}"));

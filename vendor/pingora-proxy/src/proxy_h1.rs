@@ -988,6 +988,8 @@ where
                     trace!("delaying downstream response for {:?}", duration);
                     time::sleep(duration).await;
                 }
+                // tether patch: see ProxyHttp::response_body_settle.
+                self.inner.response_body_settle(session, ctx).await?;
 
                 Ok(HttpTask::Body(data, end))
             }

@@ -482,6 +482,17 @@ pub trait ProxyHttp {
         Ok(None)
     }
 
+    /// tether patch: awaited right after [Self::response_body_filter()] for each HTTP/1 upstream
+    /// body chunk, before the chunk goes downstream. A body filter is synchronous; this lets work
+    /// it started (a Redis write the client's next request depends on) finish first, without
+    /// blocking the worker thread.
+    async fn response_body_settle(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<()>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(())
+    }
+
     /// Similar to [Self::response_filter()] but for response trailers.
     /// Note, returning an Ok(Some(Bytes)) will result in the downstream response
     /// trailers being written to the response body.
