@@ -85,6 +85,17 @@ class Procs:
         self.all.append((name, p))
         return p
 
+    def stop(self, these):
+        for p in these:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in these:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
     def stop_all(self):
         for _, p in reversed(self.all):
             if p.poll() is None:
@@ -183,9 +194,9 @@ def nofile_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def haproxy_conf(work, port, backends):
+def haproxy_conf(work, name, port, backends):
     servers = "\n".join(f"    server {bid} {addr}" for bid, addr in backends)
-    path = work / "haproxy.cfg"
+    path = work / f"{name}.cfg"
     path.write_text(f"""global
     nbthread 1
     maxconn {(nofile_limit() - 200) // 2}
@@ -212,14 +223,14 @@ backend be
     return path
 
 
-def nginx_conf(work, port, backends):
+def nginx_conf(work, name, port, backends):
     servers = "\n".join(f"        server {addr};" for _, addr in backends)
     (work / "nginx").mkdir(exist_ok=True)
-    path = work / "nginx.conf"
+    path = work / f"{name}.conf"
     path.write_text(f"""worker_processes 1;
 worker_rlimit_nofile {nofile_limit()};
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log warn;
 events {{ worker_connections {nofile_limit() - 200}; }}
 http {{
     access_log off;
@@ -326,35 +337,42 @@ def main():
         for p in bports:
             wait_port(p, bp, "backends")
 
+        def start_target(name, tag=""):
+            """Start proxy `name` (the `tag` names a fresh instance); returns (port, [pids], procs)."""
+            port, label = free_port(), name + tag
+            env = {**os.environ, "RUST_LOG": "warn"}
+            if name == "direct":
+                p = procs.start(label, pinned("load", [tool, "backends", f"d=127.0.0.1:{port}"]))
+                wait_port(port, p, label)
+                return port, [p.pid], [p]
+            if name in ("tether", "tether-noaff"):
+                sources = ["cookie:sid"] if name == "tether" else []
+                conf = tether_conf(work, label, port, free_port(), backends, sources,
+                                   redis_sock if name == "tether" else None)
+                p = procs.start(label, pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
+                                env=env)
+                wait_port(port, p, label)
+                return port, [p.pid], [p]
+            if name == "haproxy":
+                p = procs.start(label, pinned("proxy", ["haproxy", "-db", "-f",
+                                                        str(haproxy_conf(work, label, port, backends))]))
+                wait_port(port, p, label)
+                return port, [p.pid], [p]
+            if name == "nginx":
+                p = procs.start(label, pinned("proxy", ["nginx", "-c", str(nginx_conf(work, label, port, backends)),
+                                                        "-p", str(work), "-g", "daemon off;"]))
+                wait_port(port, p, label)
+                deadline = time.time() + 5
+                while not children(p.pid) and time.time() < deadline:
+                    time.sleep(0.05)  # the worker is forked after the master listens
+                return port, [p.pid, *children(p.pid)], [p]
+            raise SystemExit(f"unknown target {name}")
+
         targets = {}  # name -> (port, [pids] or None)
         targets["direct"] = (bports[0], None)
-
-        port, admin = free_port(), free_port()
-        conf = tether_conf(work, "tether", port, admin, backends, ["cookie:sid"], redis_sock)
-        tp = procs.start("tether", pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
-                         env={**os.environ, "RUST_LOG": "warn"})
-        wait_port(port, tp, "tether")
-        targets["tether"] = (port, [tp.pid])
-
-        port, admin = free_port(), free_port()
-        conf = tether_conf(work, "tether-noaff", port, admin, backends, [], None)
-        np_ = procs.start("tether-noaff", pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
-                          env={**os.environ, "RUST_LOG": "warn"})
-        wait_port(port, np_, "tether (affinity off)")
-        targets["tether-noaff"] = (port, [np_.pid])
-
-        port = free_port()
-        hp = procs.start("haproxy", pinned("proxy", ["haproxy", "-db", "-f",
-                                                     str(haproxy_conf(work, port, backends))]))
-        wait_port(port, hp, "haproxy")
-        targets["haproxy"] = (port, [hp.pid])
-
-        port = free_port()
-        ngp = procs.start("nginx", pinned("proxy", ["nginx", "-c", str(nginx_conf(work, port, backends)),
-                                                    "-p", str(work), "-g", "daemon off;"]))
-        wait_port(port, ngp, "nginx")
-        time.sleep(0.5)  # the worker is forked after the master listens
-        targets["nginx"] = (port, [ngp.pid, *children(ngp.pid)])
+        for name in ("tether", "tether-noaff", "haproxy", "nginx"):
+            port, pids, _ = start_target(name)
+            targets[name] = (port, pids)
 
         order = [t for t in a.targets.split(",") if t]
         unknown = [t for t in order if t not in targets]
@@ -401,17 +419,18 @@ def main():
                     raw["runs"].append({"scenario": "s3", "round": rnd, "target": name, **out})
 
         if "s4" in scenarios:
+            # A fresh process per run: a process that served the other scenarios (or an earlier
+            # round) reuses memory it already holds, and its growth says little.
             for rnd in range(a.rounds):
                 for name in order:
-                    port, pids = targets[name]
-                    measured = pids or [bp.pid]
+                    port, pids, fresh = start_target(name, f"-s4-{rnd}")
                     out = run_json(pinned("load", [tool, "ws-idle", "--target", f"127.0.0.1:{port}",
                                                    "--conns", str(a.idle_conns),
-                                                   "--pids", ",".join(map(str, measured))]))
+                                                   "--pids", ",".join(map(str, pids))]))
+                    procs.stop(fresh)
                     say(f"s4 round {rnd + 1} {name}: {out}")
                     results.setdefault("s4", {}).setdefault(name, []).append(out)
                     raw["runs"].append({"scenario": "s4", "round": rnd, "target": name, **out})
-                    time.sleep(2)  # let the closes finish before the next target
 
         if "s5" in scenarios:
             sio_port = start_rideshare_stack(procs, work, bindir, redis_sock)
@@ -546,7 +565,7 @@ def render(results, order, mach, a):
         for n in order:
             runs = [dict(x, before_mib=x["rss_before_bytes"] / 2**20, held_mib=x["rss_held_bytes"] / 2**20)
                     for x in r.get(n, [])]
-            label = n if n != "direct" else "direct (the backends' own RSS)"
+            label = n if n != "direct" else "direct (a backend's own RSS)"
             out.append(f"| {label} | {cell(runs, 'before_mib', 1)} | {cell(runs, 'held_mib', 1)} | "
                        f"{cell(runs, 'bytes_per_conn', 0)} | {min((x['alive_after'] for x in runs), default=0)} |")
         out.append("")
