@@ -388,6 +388,10 @@ fn upstream_error_kind(etype: &ErrorType) -> UpstreamError {
 impl ProxyHttp for Router {
     type CTX = RequestCtx;
 
+    /// No downstream modules. Pingora's default adds its compression module, disabled, which
+    /// still ran on every request and body chunk: tether compresses nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             live: self.state.live_full(),

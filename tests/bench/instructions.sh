@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Instructions tether executes per proxied request, counted by callgrind: the same figure for the
+# same binary and inputs, whatever else the machine does, so a change of 1% shows (wall-clock
+# figures from run.sh move 5% between runs). User space only: the kernel's share is not counted.
+#
+#   tests/bench/instructions.sh [--sources '["cookie:sid"]'] [--requests 3000] [--bin DIR]
+#
+# Builds the profiling profile (release code with line tables) unless --bin is given, starts a
+# Redis, three static backends and tether under callgrind, sends 1,000 warm-up requests over one
+# keep-alive connection (1,000 distinct sid cookies), zeroes the counters, sends --requests more
+# and prints the instructions per request. Keeps the callgrind file with --keep FILE
+# (callgrind_annotate --inclusive=yes FILE shows where they go).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+sources='["cookie:sid"]'
+requests=3000
+bin=""
+keep=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sources) sources="$2"; shift 2 ;;
+    --requests) requests="$2"; shift 2 ;;
+    --bin) bin="$2"; shift 2 ;;
+    --keep) keep="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+for tool in valgrind callgrind_control redis-server python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool (apt-get install valgrind redis-server python3)" >&2; exit 1; }
+done
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tether-target}"
+if [ -z "$bin" ]; then
+  cargo build --profile profiling --locked -p tether -p tether-bench >&2
+  bin="$CARGO_TARGET_DIR/profiling"
+fi
+
+work=$(mktemp -d /tmp/tether-instructions-XXXXXX)
+pids=()
+cleanup() {
+  # TERM, not INT: background jobs of a non-interactive shell ignore SIGINT.
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 300); do
+    python3 -c "import socket,sys;socket.create_connection(('127.0.0.1',$1),timeout=1)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1; logs in $work" >&2; return 1
+}
+
+redis-server --port 0 --unixsocket "$work/redis.sock" --save "" --appendonly no --dir "$work" \
+  > "$work/redis.log" 2>&1 & pids+=($!)
+p1=$(port); p2=$(port); p3=$(port); pt=$(port); pa=$(port)
+"$bin/tether-bench" backends "b1=127.0.0.1:$p1" "b2=127.0.0.1:$p2" "b3=127.0.0.1:$p3" \
+  > "$work/backends.log" 2>&1 & pids+=($!)
+cat > "$work/tether.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$pt"]
+threads = 1
+grace_period_secs = 0
+graceful_shutdown_timeout_secs = 0
+upgrade_sock = "$work/upgrade.sock"
+access_log = false
+[admin]
+listen = "127.0.0.1:$pa"
+[affinity]
+sources = $sources
+policy = "least_connections"
+hash_key = "instructions only: not a secret"
+[redis]
+url = "redis+unix://$work/redis.sock"
+[[backend]]
+id = "b1"
+address = "127.0.0.1:$p1"
+[[backend]]
+id = "b2"
+address = "127.0.0.1:$p2"
+[[backend]]
+id = "b3"
+address = "127.0.0.1:$p3"
+EOF
+wait_port "$p1"
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+  "$bin/tether" run -c "$work/tether.toml" > "$work/tether.log" 2>&1 & tpid=$!
+pids+=("$tpid")
+wait_port "$pt"
+
+send() {
+  python3 - "$pt" "$1" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port)
+for i in range(n):
+    c.request("GET", "/", headers={"Cookie": "sid=s%d" % (i % 1000)})
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"request {i}: status {r.status}")
+PY
+}
+send 1000
+callgrind_control -z "$tpid" >/dev/null 2>&1
+send "$requests"
+callgrind_control -d "$tpid" >/dev/null 2>&1
+dump=""
+for _ in $(seq 100); do
+  dump=$(ls "$work"/cg.out.* 2>/dev/null | head -n1 || true)
+  [ -n "$dump" ] && grep -q '^totals:\|^summary:' "$dump" && break
+  sleep 0.1
+done
+total=$(grep -h '^totals:\|^summary:' "$dump" | head -n1 | awk '{print $2}')
+[ -n "$keep" ] && cp "$dump" "$keep"
+echo "sources = $sources: $((total / requests)) instructions per request (user space, $requests requests)"
