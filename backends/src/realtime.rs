@@ -262,17 +262,26 @@ async fn location_update<A: Adapter>(
         "driver": user.name,
         "instance": rt.id,
     });
-    // `within` includes this socket: the driver sees its own position as the room does.
-    match socket
-        .within(room(&ride.id))
-        .emit("location", &message)
-        .await
-    {
+    // The driver sees its own position as the room does.
+    broadcast(&socket, room(&ride.id), "location", &message, ack, &rt.id).await;
+}
+
+/// Emits `event` to `room` on every instance, this socket included (`within`), then acks
+/// `{"ok": true, "instance"}`, or says the broadcast failed.
+async fn broadcast<A: Adapter>(
+    socket: &SocketRef<A>,
+    room: String,
+    event: &'static str,
+    message: &serde_json::Value,
+    ack: AckSender<A>,
+    instance: &str,
+) {
+    match socket.within(room.clone()).emit(event, message).await {
         Ok(()) => {
-            let _ = ack.send(&json!({ "ok": true, "instance": rt.id }));
+            let _ = ack.send(&json!({ "ok": true, "instance": instance }));
         }
         Err(e) => {
-            tracing::warn!(error = %e, ride = %ride.id, "location broadcast failed");
+            tracing::warn!(error = %e, %room, event, "broadcast failed");
             nack(ack, "broadcast failed (is Redis down?), try again");
         }
     }
@@ -314,18 +323,7 @@ async fn driver_position<A: Adapter>(
         "lng": req.lng,
         "instance": rt.id,
     });
-    // `within` includes this socket if it watches too.
-    match socket
-        .within(DRIVERS_ROOM)
-        .emit("driverPosition", &message)
-        .await
-    {
-        Ok(()) => {
-            let _ = ack.send(&json!({ "ok": true, "instance": rt.id }));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, driver = %user.name, "driver position broadcast failed");
-            nack(ack, "broadcast failed (is Redis down?), try again");
-        }
-    }
+    // The sender hears it too if it watches.
+    let room = DRIVERS_ROOM.to_string();
+    broadcast(&socket, room, "driverPosition", &message, ack, &rt.id).await;
 }

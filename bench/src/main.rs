@@ -289,25 +289,47 @@ async fn round_trip(ws: &mut Ws, text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Opens `n` WebSockets (each with its own session cookie) and echoes once on each.
-async fn open_many(target: SocketAddr, n: usize, cookie: &str) -> anyhow::Result<Vec<Ws>> {
+/// Runs `make(i)` for every `i` in `0..n`, at most [`CONNECTING_AT_ONCE`] at a time, and returns
+/// the results in order; the first error names its `what` and index.
+async fn gated<T, F, Fut>(n: usize, what: &str, make: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
     let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let gate = gate.clone();
-        let cookie = format!("{cookie}=ws{i}");
-        tasks.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await.expect("never closed");
-            let mut ws = ws_connect(target, "/ws", Some(&cookie)).await?;
-            round_trip(&mut ws, "hello").await?;
-            anyhow::Ok(ws)
-        }));
-    }
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let gate = gate.clone();
+            let job = make(i);
+            tokio::spawn(async move {
+                let _permit = gate.acquire_owned().await.expect("never closed");
+                job.await
+            })
+        })
+        .collect();
+    let started = Instant::now();
     let mut out = Vec::with_capacity(n);
     for (i, t) in tasks.into_iter().enumerate() {
-        out.push(t.await?.with_context(|| format!("connection {i}"))?);
+        out.push(t.await?.with_context(|| format!("{what} {i}"))?);
+        if (i + 1) % 1000 == 0 {
+            eprintln!("{} {what}s ready after {:?}", i + 1, started.elapsed());
+        }
     }
     Ok(out)
+}
+
+/// Opens `n` WebSockets (each with its own session cookie) and echoes once on each.
+async fn open_many(target: SocketAddr, n: usize, cookie: &str) -> anyhow::Result<Vec<Ws>> {
+    gated(n, "connection", |i| {
+        let cookie = format!("{cookie}=ws{i}");
+        async move {
+            let mut ws = ws_connect(target, "/ws", Some(&cookie)).await?;
+            round_trip(&mut ws, "hello").await?;
+            Ok(ws)
+        }
+    })
+    .await
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -532,28 +554,11 @@ async fn sio_fanout(
     prefix: &str,
 ) -> anyhow::Result<Value> {
     // 1. Watchers: log in, connect, join the room (acked).
-    let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
-    let mut joining = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let gate = gate.clone();
+    let watchers = gated(clients, "watcher", |i| {
         let name = format!("{prefix}-w{i}");
-        joining.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await.expect("never closed");
-            join_watcher(target, &name).await
-        }));
-    }
-    let mut watchers = Vec::with_capacity(clients);
-    let joined_since = Instant::now();
-    for (i, t) in joining.into_iter().enumerate() {
-        watchers.push(t.await?.with_context(|| format!("watcher {i}"))?);
-        if (i + 1) % 100 == 0 {
-            eprintln!(
-                "sio-fanout: {} in the room after {:?}",
-                i + 1,
-                joined_since.elapsed()
-            );
-        }
-    }
+        async move { join_watcher(target, &name).await }
+    })
+    .await?;
     eprintln!("sio-fanout: {clients} watchers in the room");
 
     // 2. Receivers: latency of every driverPosition against its emit time.
