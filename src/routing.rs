@@ -227,23 +227,18 @@ impl State {
         self.fail_open(set, key, hint, exclude, now)
     }
 
-    /// Pin `key` to `backend`, as learned from an Engine.IO handshake body. The client's next
-    /// request may reach another instance as soon as it has the body, so the Redis write must land
-    /// first: [`Router::response_body_settle`] awaits this before the chunk is forwarded (one
-    /// Redis round trip, at most `timeout_ms`, once per Engine.IO session; the worker thread keeps
-    /// serving other connections meanwhile).
-    async fn learn_handshake(&self, key: KeyHash, backend: &Backend) {
-        let now = now_ms();
+    /// Pin `key` to `backend`, which issued it (a Set-Cookie, an Engine.IO handshake): written to
+    /// Redis now when it answers, else cached as unsynced and written when it returns.
+    async fn learn_pin(&self, key: KeyHash, backend: &Backend, from: &'static str) {
         Metrics::get().learned.inc();
         let synced = match self.redis.as_deref() {
             // In process: the cache is the map.
             None => true,
             Some(r) if r.is_up() => r.learn(key, &backend.id).await.is_ok(),
-            // Redis down: written when it returns, like any unsynced pin.
             Some(_) => false,
         };
-        self.cache.put(key, backend.key, now, synced);
-        debug!(key = %key, backend = %backend.id, "learned pin from an Engine.IO handshake");
+        self.cache.put(key, backend.key, now_ms(), synced);
+        debug!(key = %key, backend = %backend.id, from, "learned pin");
     }
 
     /// Record pins from the `Set-Cookie` headers of a response served by `backend`.
@@ -274,16 +269,8 @@ impl State {
                 }
             }
         }
-        let now = now_ms();
         for h in learned {
-            Metrics::get().learned.inc();
-            let synced = match self.redis.as_deref() {
-                None => true,
-                Some(r) if r.is_up() => r.learn(h, &backend.id).await.is_ok(),
-                Some(_) => false,
-            };
-            self.cache.put(h, backend.key, now, synced);
-            debug!(key = %h, backend = %backend.id, "learned pin from Set-Cookie");
+            self.learn_pin(h, backend, "set-cookie").await;
         }
     }
 }
@@ -309,7 +296,8 @@ pub struct RequestCtx {
     /// An Engine.IO polling handshake: the start of its response body, until the sid is found.
     engine_io: Option<Vec<u8>>,
     /// The handshake's sid, found in the body chunk being forwarded: pinned (Redis written) by
-    /// `response_body_settle` before that chunk leaves.
+    /// `response_body_settle` before that chunk leaves, so the client's next poll finds it on
+    /// every instance (one Redis round trip per Engine.IO session; the worker keeps serving).
     handshake_pin: Option<(KeyHash, Arc<Backend>)>,
     /// Held while the upgraded connection is open.
     tunnel: Option<TunnelGuard>,
@@ -718,15 +706,15 @@ impl ProxyHttp for Router {
         Ok(None)
     }
 
-    async fn response_body_settle(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if let Some((key, backend)) = ctx.handshake_pin.take() {
-            self.state.learn_handshake(key, &backend).await;
-        }
-        Ok(())
+    fn response_body_settle<'a>(
+        &'a self,
+        ctx: &'a mut RequestCtx,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>> {
+        let (key, backend) = ctx.handshake_pin.take()?;
+        Some(Box::pin(async move {
+            self.state.learn_pin(key, &backend, "engine.io").await;
+            Ok(())
+        }))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

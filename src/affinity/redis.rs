@@ -401,14 +401,29 @@ impl RedisMap {
         &self.admin_changed
     }
 
+    /// Run one request-path pipeline: skipped while down, bounded by the timeout, timed, and
+    /// marking Redis down on failure.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable);
+        }
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let result = within(self.timeout, pipe.query_async(&mut conn)).await;
+        Metrics::get()
+            .redis_duration
+            .observe(start.elapsed().as_secs_f64());
+        result.inspect_err(|e| self.mark_down(e))
+    }
+
     /// First assignment: `SET key v1:<id> NX PX ttl GET`, pipelined with the `ZADD` that counts
     /// the key in `id`'s session set. One round trip and no follow-up write: a new key almost
     /// always wins. If another instance won the race, its value comes back and the caller adopts
     /// it, then queues [`RedisAffinity::adopt`], which takes the key out of `id`'s set again.
     pub async fn assign(&self, key: KeyHash, id: &str) -> Result<Assigned, RedisError> {
-        if !self.is_up() {
-            return Err(RedisError::Unavailable);
-        }
         let ttl = self.ttl_ms();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -424,13 +439,7 @@ impl RedisMap {
             .arg(unix_ms() + ttl)
             .arg(key.to_string())
             .ignore();
-        let mut conn = self.conn.clone();
-        let start = Instant::now();
-        let result = within(self.timeout, pipe.query_async(&mut conn)).await;
-        Metrics::get()
-            .redis_duration
-            .observe(start.elapsed().as_secs_f64());
-        let (old,): (Option<String>,) = result.inspect_err(|e| self.mark_down(e))?;
+        let (old,): (Option<String>,) = self.call(&pipe).await?;
         Ok(match old {
             None => Assigned::Won,
             Some(v) => Assigned::Existing(v),
@@ -440,9 +449,6 @@ impl RedisMap {
     /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
     /// backend that issued a session id is its authority.
     pub async fn learn(&self, key: KeyHash, id: &str) -> Result<(), RedisError> {
-        if !self.is_up() {
-            return Err(RedisError::Unavailable);
-        }
         let ttl = self.ttl_ms();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -456,14 +462,7 @@ impl RedisMap {
             .arg(unix_ms() + ttl)
             .arg(key.to_string())
             .ignore();
-        let mut conn = self.conn.clone();
-        let start = Instant::now();
-        let result: Result<(), RedisError> =
-            within(self.timeout, pipe.query_async(&mut conn)).await;
-        Metrics::get()
-            .redis_duration
-            .observe(start.elapsed().as_secs_f64());
-        result.inspect_err(|e| self.mark_down(e))
+        self.call(&pipe).await
     }
 
     /// Move a pin from `expected` (a raw stored value, `None` if it was missing) to `id`, unless

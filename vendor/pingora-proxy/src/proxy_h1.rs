@@ -989,7 +989,9 @@ where
                     time::sleep(duration).await;
                 }
                 // tether patch: see ProxyHttp::response_body_settle.
-                self.inner.response_body_settle(session, ctx).await?;
+                if let Some(settle) = self.inner.response_body_settle(ctx) {
+                    settle.await?;
+                }
 
                 Ok(HttpTask::Body(data, end))
             }

@@ -482,15 +482,16 @@ pub trait ProxyHttp {
         Ok(None)
     }
 
-    /// tether patch: awaited right after [Self::response_body_filter()] for each HTTP/1 upstream
-    /// body chunk, before the chunk goes downstream. A body filter is synchronous; this lets work
-    /// it started (a Redis write the client's next request depends on) finish first, without
-    /// blocking the worker thread.
-    async fn response_body_settle(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<()>
-    where
-        Self::CTX: Send + Sync,
-    {
-        Ok(())
+    /// tether patch: called right after [Self::response_body_filter()] for each HTTP/1 upstream
+    /// body chunk; a future it returns is awaited before the chunk goes downstream. A body filter
+    /// is synchronous; this lets work it started (a Redis write the client's next request depends
+    /// on) finish first, without blocking the worker thread. `None` (the default, and every chunk
+    /// with nothing to wait for) costs no allocation.
+    fn response_body_settle<'a>(
+        &'a self,
+        _ctx: &'a mut Self::CTX,
+    ) -> Option<futures::future::BoxFuture<'a, Result<()>>> {
+        None
     }
 
     /// Similar to [Self::response_filter()] but for response trailers.
