@@ -387,9 +387,10 @@ async fn ws_echo(
         all.extend(t.await?);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let mut figures = latency_figures(all.clone());
-    figures["messages"] = json!(all.len());
-    figures["msgs_per_sec"] = json!(all.len() as f64 / elapsed);
+    let messages = all.len();
+    let mut figures = latency_figures(all);
+    figures["messages"] = json!(messages);
+    figures["msgs_per_sec"] = json!(messages as f64 / elapsed);
     figures["errors"] = json!(errors.load(Ordering::Relaxed));
     figures["conns"] = json!(conns);
     Ok(figures)

@@ -340,18 +340,14 @@ def main():
         def start_target(name, tag=""):
             """Start proxy `name` (the `tag` names a fresh instance); returns (port, [pids], procs)."""
             port, label = free_port(), name + tag
-            env = {**os.environ, "RUST_LOG": "warn"}
             if name == "direct":
                 p = procs.start(label, pinned("load", [tool, "backends", f"d=127.0.0.1:{port}"]))
                 wait_port(port, p, label)
                 return port, [p.pid], [p]
             if name in ("tether", "tether-noaff"):
-                sources = ["cookie:sid"] if name == "tether" else []
-                conf = tether_conf(work, label, port, free_port(), backends, sources,
-                                   redis_sock if name == "tether" else None)
-                p = procs.start(label, pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
-                                env=env)
-                wait_port(port, p, label)
+                sticky = name == "tether"
+                p = start_tether(procs, work, bindir, label, port, backends,
+                                 ["cookie:sid"] if sticky else [], redis_sock if sticky else None)
                 return port, [p.pid], [p]
             if name == "haproxy":
                 p = procs.start(label, pinned("proxy", ["haproxy", "-db", "-f",
@@ -381,6 +377,11 @@ def main():
         say(f"work dir {work}; targets: " + ", ".join(f"{n}=:{targets[n][0]}" for n in order))
         results = {}
 
+        def record(scn, rnd, name, out):
+            say(f"{scn} round {rnd + 1} {name}: {fmt_run(out)}")
+            results.setdefault(scn, {}).setdefault(name, []).append(out)
+            raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **out})
+
         def http_runs(scn, script, argsf):
             for rnd in range(a.rounds):
                 for name in order:
@@ -388,17 +389,15 @@ def main():
                     # Warm-up (also pins s1's sessions): not measured.
                     wrk(port, script, 2, argsf(name, rnd, "warm"))
                     c0 = cpu_secs(pids) if pids else None
-                    r0 = redis.commands_processed()
+                    r0 = redis.commands_processed() if name == "tether" else None
                     r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
-                    r1 = redis.commands_processed()
                     if pids:
                         r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
-                    if name == "tether":
-                        # Two INFO calls are counted in between (ours).
+                    if r0 is not None:
+                        # The first INFO is counted by the second: subtract it.
+                        r1 = redis.commands_processed()
                         r["redis_cmds_per_req"] = max(0, r1 - r0 - 1) / max(1, r["requests"])
-                    say(f"{scn} round {rnd + 1} {name}: {fmt_run(r)}")
-                    results.setdefault(scn, {}).setdefault(name, []).append(r)
-                    raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **r})
+                    record(scn, rnd, name, r)
 
         if "s1" in scenarios:
             http_runs("s1", HERE / "sessions.lua", lambda n, r, w: ["1000"])
@@ -414,9 +413,7 @@ def main():
                                     "--conns", "1000", "--secs", str(a.secs)]))
                     if pids:
                         out["cpu_us_per_msg"] = (cpu_secs(pids) - c0) * 1e6 / max(1, out["messages"])
-                    say(f"s3 round {rnd + 1} {name}: {out}")
-                    results.setdefault("s3", {}).setdefault(name, []).append(out)
-                    raw["runs"].append({"scenario": "s3", "round": rnd, "target": name, **out})
+                    record("s3", rnd, name, out)
 
         if "s4" in scenarios:
             # A fresh process per run: a process that served the other scenarios (or an earlier
@@ -428,9 +425,9 @@ def main():
                                                    "--conns", str(a.idle_conns),
                                                    "--pids", ",".join(map(str, pids))]))
                     procs.stop(fresh)
-                    say(f"s4 round {rnd + 1} {name}: {out}")
-                    results.setdefault("s4", {}).setdefault(name, []).append(out)
-                    raw["runs"].append({"scenario": "s4", "round": rnd, "target": name, **out})
+                    out["before_mib"] = out["rss_before_bytes"] / 2**20
+                    out["held_mib"] = out["rss_held_bytes"] / 2**20
+                    record("s4", rnd, name, out)
 
         if "s5" in scenarios:
             sio_port = start_rideshare_stack(procs, work, bindir, redis_sock)
@@ -438,9 +435,7 @@ def main():
                 out = run_json([tool, "sio-fanout", "--target", f"127.0.0.1:{sio_port}",
                                 "--clients", "1000", "--emits", str(10 * a.secs), "--rate", "10",
                                 "--prefix", f"r{rnd}-{os.getpid()}"])
-                say(f"s5 round {rnd + 1} tether: {out}")
-                results.setdefault("s5", {}).setdefault("tether", []).append(out)
-                raw["runs"].append({"scenario": "s5", "round": rnd, "target": "tether", **out})
+                record("s5", rnd, "tether", out)
 
         report = render(results, order, raw["machine"], a)
         print(report)
@@ -452,6 +447,15 @@ def main():
         procs.stop_all()
 
 
+def start_tether(procs, work, bindir, label, port, backends, sources, redis_sock):
+    """tether (`sources`, Redis when given) on `port` in front of `backends`; returns its process."""
+    conf = tether_conf(work, label, port, free_port(), backends, sources, redis_sock)
+    p = procs.start(label, pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
+                    env={**os.environ, "RUST_LOG": "warn"})
+    wait_port(port, p, label)
+    return p
+
+
 def start_rideshare_stack(procs, work, bindir, redis_sock):
     ports = [free_port() for _ in range(3)]
     for i, p in enumerate(ports):
@@ -460,13 +464,10 @@ def start_rideshare_stack(procs, work, bindir, redis_sock):
             "--redis", f"redis+unix://{redis_sock}", "--session-secret", "bench only, not a secret"],
             env={**os.environ, "RUST_LOG": "warn"})
         wait_port(p, rp, f"rideshare-{i + 1}")
-    port, admin = free_port(), free_port()
-    conf = tether_conf(work, "tether-sio", port, admin,
-                       [(f"rs{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(ports)],
-                       ["cookie:rs.sid", "query:sid"], redis_sock)
-    tp = procs.start("tether-sio", [str(bindir / "tether"), "run", "-c", str(conf)],
-                     env={**os.environ, "RUST_LOG": "warn"})
-    wait_port(port, tp, "tether (rideshare)")
+    port = free_port()
+    start_tether(procs, work, bindir, "tether-sio", port,
+                 [(f"rs{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(ports)],
+                 ["cookie:rs.sid", "query:sid"], redis_sock)
     return port
 
 
@@ -523,6 +524,26 @@ def ratio(results, name, key):
     return f"{m[0] / base[0]:.2f}"
 
 
+def table(title, r, order, cols, direct_label="direct"):
+    """One markdown table: a row per target, a column per (header, key, digits); digits None is
+    the ratio to `direct`, "sum"/"min" aggregate the runs instead of a median (min-max)."""
+    out = [f"## {title}", "", "| target | " + " | ".join(h for h, _, _ in cols) + " |",
+           "|---" * (len(cols) + 1) + "|"]
+    for n in order:
+        runs = r.get(n, [])
+        cells = []
+        for _, key, digits in cols:
+            if digits is None:
+                cells.append(ratio(r, n, key))
+            elif digits in ("sum", "min"):
+                vals = [x[key] for x in runs]
+                cells.append(str((sum if digits == "sum" else min)(vals)) if vals else "-")
+            else:
+                cells.append(cell(runs, key, digits))
+        out.append(f"| {direct_label if n == 'direct' else n} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def render(results, order, mach, a):
     out = ["# tether benchmark", "",
            f"{mach['cpu']}, {mach['cores']} cores; {', '.join(mach['versions'].values())}. "
@@ -532,43 +553,23 @@ def render(results, order, mach, a):
               "share CPU 0 (so `direct` is wrk and a backend on one core). " if PIN["proxy"] is not None
               else "Processes not pinned to cores. ")
            + "`tests/bench/run.sh` reproduces it.", ""]
-    for scn, title in [("s1", "1. keep-alive GETs, 1,000 pinned sessions"),
-                       ("s2", "2. every request a new session")]:
-        if scn not in results:
-            continue
-        r = results[scn]
-        out += [f"## {title}", "",
-                "| target | req/s | x direct | p50 ms | p99 ms | proxy CPU us/req | Redis cmds/req | errors |",
-                "|---|---|---|---|---|---|---|---|"]
-        for n in order:
-            runs = r.get(n, [])
-            out.append(f"| {n} | {cell(runs, 'rps', 0)} | {ratio(r, n, 'rps')} | {cell(runs, 'p50_ms', 2)} | "
-                       f"{cell(runs, 'p99_ms', 2)} | {cell(runs, 'cpu_us_per_req', 1)} | "
-                       f"{cell(runs, 'redis_cmds_per_req', 3)} | {sum(x['errors'] for x in runs)} |")
-        out.append("")
-    if "s3" in results:
-        r = results["s3"]
-        out += ["## 3. WebSocket echo, 1,000 connections, 32-byte messages", "",
-                "| target | msgs/s | x direct | p50 ms | p99 ms | proxy CPU us/msg | errors |",
-                "|---|---|---|---|---|---|---|"]
-        for n in order:
-            runs = r.get(n, [])
-            out.append(f"| {n} | {cell(runs, 'msgs_per_sec', 0)} | {ratio(r, n, 'msgs_per_sec')} | "
-                       f"{cell(runs, 'p50_ms', 2)} | {cell(runs, 'p99_ms', 2)} | "
-                       f"{cell(runs, 'cpu_us_per_msg', 1)} | {sum(x['errors'] for x in runs)} |")
-        out.append("")
-    if "s4" in results:
-        r = results["s4"]
-        out += [f"## 4. {a.idle_conns:,} idle WebSockets", "",
-                "| target | RSS before MiB | RSS held MiB | bytes per connection | alive after |",
-                "|---|---|---|---|---|"]
-        for n in order:
-            runs = [dict(x, before_mib=x["rss_before_bytes"] / 2**20, held_mib=x["rss_held_bytes"] / 2**20)
-                    for x in r.get(n, [])]
-            label = n if n != "direct" else "direct (a backend's own RSS)"
-            out.append(f"| {label} | {cell(runs, 'before_mib', 1)} | {cell(runs, 'held_mib', 1)} | "
-                       f"{cell(runs, 'bytes_per_conn', 0)} | {min((x['alive_after'] for x in runs), default=0)} |")
-        out.append("")
+    http_cols = [("req/s", "rps", 0), ("x direct", "rps", None), ("p50 ms", "p50_ms", 2),
+                 ("p99 ms", "p99_ms", 2), ("proxy CPU us/req", "cpu_us_per_req", 1),
+                 ("Redis cmds/req", "redis_cmds_per_req", 3), ("errors", "errors", "sum")]
+    for scn, title, cols, direct_label in [
+        ("s1", "1. keep-alive GETs, 1,000 pinned sessions", http_cols, "direct"),
+        ("s2", "2. every request a new session", http_cols, "direct"),
+        ("s3", "3. WebSocket echo, 1,000 connections, 32-byte messages",
+         [("msgs/s", "msgs_per_sec", 0), ("x direct", "msgs_per_sec", None), ("p50 ms", "p50_ms", 2),
+          ("p99 ms", "p99_ms", 2), ("proxy CPU us/msg", "cpu_us_per_msg", 1), ("errors", "errors", "sum")],
+         "direct"),
+        ("s4", f"4. {a.idle_conns:,} idle WebSockets",
+         [("RSS before MiB", "before_mib", 1), ("RSS held MiB", "held_mib", 1),
+          ("bytes per connection", "bytes_per_conn", 0), ("alive after", "alive_after", "min")],
+         "direct (a backend's own RSS)"),
+    ]:
+        if scn in results:
+            out += table(title, results[scn], order, cols, direct_label)
     if "s5" in results:
         runs = results["s5"]["tether"]
         out += ["## 5. Socket.IO fan-out through tether, 1,000 clients on three rideshare instances", "",
