@@ -100,25 +100,24 @@ impl State {
                     let pinned = decode_pin(&raw)
                         .and_then(|id| self.interner.lookup(id))
                         .and_then(|k| set.get(k));
-                    let chosen = match pinned.map(|b| (b, b.pin_blocked(now))) {
+                    let reason = match pinned.map(|b| (b, b.pin_blocked(now))) {
                         Some((b, None)) => {
                             self.cache.put(key.hash, b.key, now, true);
-                            Some(b.clone())
+                            // SET NX did not touch the TTL: slide it, off the request path, and
+                            // take the key out of the candidate's set, where `assign` counted it.
+                            redis.adopt(key.hash, b.key, candidate.key);
+                            return Some(b.clone());
                         }
-                        Some((_, Some(reason))) => {
-                            self.reassign(live, key, Some(raw), reason, &[], now).await
-                        }
-                        None => {
-                            self.reassign(live, key, Some(raw), Reassign::Removed, &[], now)
-                                .await
-                        }
+                        Some((_, Some(reason))) => reason,
+                        None => Reassign::Removed,
                     };
-                    // SET NX did not touch the TTL: slide it now, off the request path, and
-                    // take the key out of the candidate's session set, where `assign` counted it.
-                    if let Some(b) = &chosen {
+                    let moved = self.reassign(live, key, Some(raw), reason, &[], now).await;
+                    // The compare-and-set slid the TTL and moved the key between session sets;
+                    // only a move elsewhere than the candidate leaves it counted there too.
+                    if let Some(b) = moved.as_ref().filter(|b| b.key != candidate.key) {
                         redis.adopt(key.hash, b.key, candidate.key);
                     }
-                    return chosen;
+                    return moved;
                 }
                 // A timeout is ambiguous: Redis may still execute the write. Stay with what it
                 // would hold, so that recovery does not move the session.
