@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{
+    DetachedTunnel, FailToProxy, OnTunnelClose, ProxyHttp, Session, TunnelEnd, TunnelReport,
+};
 use tracing::{debug, info, warn};
 
 use crate::affinity::cookie::parse_set_cookie;
@@ -716,46 +718,133 @@ impl ProxyHttp for Router {
         }))
     }
 
+    /// Upgraded connections (WebSockets) leave the request's task once the 101 is out and run
+    /// in a small task of their own (vendored Pingora hook; see vendor/README.md): an idle
+    /// WebSocket then costs its two sockets and little else.
+    fn detach_upgraded(&self, _session: &Session, ctx: &RequestCtx) -> Option<DetachedTunnel> {
+        Some(DetachedTunnel {
+            idle_timeout: Some(ctx.live.config.upstream.tunnel_timeout),
+        })
+    }
+
+    /// The request's log line and metrics wait for the tunnel to close, as for a WebSocket
+    /// Pingora proxies itself; the backend stays counted as in use (least-connections) and the
+    /// key's pin kept alive until then.
+    fn tunnel_detached(&self, session: &mut Session, ctx: &mut RequestCtx) -> OnTunnelClose {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let client = client_ip(session);
+        let req = session.req_header();
+        let (method, path) = (req.method.clone(), req.uri.path().to_owned());
+        let (live, key, attempts, started) =
+            (ctx.live.clone(), ctx.key.take(), ctx.attempts, ctx.started);
+        let backend = ctx.current.take();
+        let tunnel = ctx.tunnel.take();
+        Box::new(move |report: TunnelReport| {
+            record(Outcome {
+                live: &live,
+                key: key.as_ref(),
+                backend: backend.as_ref(),
+                attempts,
+                started,
+                upgraded: true,
+                client,
+                method: &method,
+                path: &path,
+                status,
+                error: None,
+                tunnel: Some(&report),
+            });
+            drop(tunnel);
+        })
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let backend = ctx.current.take();
-        match (&backend, status_class(status)) {
-            (Some(g), Some(class)) => {
-                let stats = &g.backend().stats;
-                stats.requests[class].inc();
-                stats.duration.observe(ctx.started.elapsed().as_secs_f64());
-            }
-            (None, Some(class)) => {
-                Metrics::get()
-                    .requests
-                    .with_label_values(&["none", crate::metrics::STATUS_CLASSES[class]])
-                    .inc();
-            }
-            _ => {}
+        let req = session.req_header();
+        record(Outcome {
+            live: &ctx.live,
+            key: ctx.key.as_ref(),
+            backend: backend.as_ref(),
+            attempts: ctx.attempts,
+            started: ctx.started,
+            upgraded: ctx.upgrade && status == 101,
+            client: client_ip(session),
+            method: &req.method,
+            path: req.uri.path(),
+            status,
+            error: e.map(|e| e.etype()),
+            tunnel: None,
+        });
+    }
+}
+
+/// How a request (or the WebSocket it became) ended: what its metrics and log line need.
+struct Outcome<'a> {
+    live: &'a Live,
+    key: Option<&'a SessionKey>,
+    backend: Option<&'a ActiveGuard>,
+    attempts: usize,
+    started: Instant,
+    upgraded: bool,
+    client: Option<IpAddr>,
+    method: &'a http::Method,
+    path: &'a str,
+    status: u16,
+    error: Option<&'a ErrorType>,
+    tunnel: Option<&'a TunnelReport>,
+}
+
+/// Count a finished request by backend and status class, and write its access log line.
+fn record(o: Outcome<'_>) {
+    match (o.backend, status_class(o.status)) {
+        (Some(g), Some(class)) => {
+            let stats = &g.backend().stats;
+            stats.requests[class].inc();
+            stats.duration.observe(o.started.elapsed().as_secs_f64());
         }
-        if ctx.live.config.server.access_log {
-            // One structured line per request. The key is its keyed hash, never the raw
-            // session id; the path is logged without its query (which may carry a sid).
-            let req = session.req_header();
-            let source = ctx
-                .key
-                .as_ref()
-                .and_then(|k| ctx.live.config.affinity.sources.get(k.source));
-            info!(
-                target: "tether::access",
-                client = %OrDash(client_ip(session)),
-                method = %req.method,
-                path = req.uri.path(),
-                status,
-                backend = backend.as_ref().map_or("-", |g| &*g.backend().id),
-                key = %OrDash(ctx.key.as_ref().map(|k| k.hash)),
-                source = %OrDash(source),
-                attempts = ctx.attempts,
-                upgraded = ctx.upgrade && status == 101,
-                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-                error = ?e.map(|e| e.etype()),
-            );
+        (None, Some(class)) => {
+            Metrics::get()
+                .requests
+                .with_label_values(&["none", crate::metrics::STATUS_CLASSES[class]])
+                .inc();
         }
+        _ => {}
+    }
+    if o.live.config.server.access_log {
+        // One structured line per request. The key is its keyed hash, never the raw
+        // session id; the path is logged without its query (which may carry a sid).
+        let source = o
+            .key
+            .and_then(|k| o.live.config.affinity.sources.get(k.source));
+        info!(
+            target: "tether::access",
+            client = %OrDash(o.client),
+            method = %o.method,
+            path = o.path,
+            status = o.status,
+            backend = o.backend.map_or("-", |g| &*g.backend().id),
+            key = %OrDash(o.key.map(|k| k.hash)),
+            source = %OrDash(source),
+            attempts = o.attempts,
+            upgraded = o.upgraded,
+            duration_ms = o.started.elapsed().as_secs_f64() * 1000.0,
+            error = ?o.error,
+            closed = %OrDash(o.tunnel.map(|t| tunnel_end(&t.end))),
+            bytes_to_backend = %OrDash(o.tunnel.map(|t| t.to_upstream)),
+            bytes_to_client = %OrDash(o.tunnel.map(|t| t.to_downstream)),
+        );
+    }
+}
+
+/// Why a WebSocket closed, for its access log line.
+fn tunnel_end(end: &TunnelEnd) -> &'static str {
+    match end {
+        TunnelEnd::DownstreamClosed => "client",
+        TunnelEnd::UpstreamClosed => "backend",
+        TunnelEnd::IdleTimeout => "idle_timeout",
+        TunnelEnd::DownstreamError(_) => "client_error",
+        TunnelEnd::UpstreamError(_) => "backend_error",
     }
 }
 

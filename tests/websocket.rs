@@ -197,3 +197,250 @@ async fn engine_io_sids_are_learned_from_the_handshake_on_every_instance() {
     let m = one.metrics().await;
     assert_eq!(metric_value(&m, "tether_affinity_learned_total"), Some(6.0));
 }
+
+// The tunnel an upgraded connection runs in once the 101 is out (vendor/pingora-proxy
+// src/tunnel.rs): these drive it with raw sockets on both sides, so what it must carry is
+// exactly what was sent.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const UPGRADE_RESPONSE: &[u8] =
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+
+fn upgrade_request(session: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: tether\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         {SESSION_HEADER}: {session}\r\n\r\n"
+    )
+}
+
+/// Reads up to the end of an HTTP head: the head, and what came after it.
+async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("an HTTP head within 5 s")
+            .expect("read");
+        assert!(n > 0, "EOF before the end of the head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads until `got` holds `want` bytes (what it already holds counts).
+async fn read_exactly(s: &mut (impl AsyncRead + Unpin), got: &mut Vec<u8>, want: usize) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    while got.len() < want {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {want} bytes after 10 s", got.len()))
+            .expect("read");
+        assert!(n > 0, "EOF after {} of {want} bytes", got.len());
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A one-connection backend that answers the upgrade with a 101 (and `with_101` in the same
+/// write), then hands the socket and the bytes read past the request head to `then`.
+async fn raw_backend<F, Fut, T>(with_101: &'static [u8], then: F) -> (String, JoinHandle<T>)
+where
+    F: FnOnce(TcpStream, Vec<u8>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let table = format!(
+        "[[backend]]\nid = \"raw\"\naddress = \"{}\"\n",
+        listener.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (head, rest) = read_head(&mut s).await;
+        assert!(head.starts_with("GET /ws "), "{head}");
+        s.write_all(&[UPGRADE_RESPONSE, with_101].concat())
+            .await
+            .unwrap();
+        then(s, rest).await
+    });
+    (table, task)
+}
+
+use tokio::task::JoinHandle;
+
+async fn eof_within(s: &mut TcpStream, timeout: Duration) -> bool {
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_with_the_101_and_with_the_upgrade_request_cross_the_tunnel() {
+    // A backend that speaks first (Engine.IO's open packet) writes with its 101; a client may
+    // write right behind its request. Both reach the other side, then the backend's close
+    // closes the client's connection, and the tunnel is logged and counted when it closes.
+    const EARLY: &[u8] = b"client bytes behind the request";
+    let redis = RedisServer::start();
+    let (table, backend) = raw_backend(b"hello from the backend", |mut s, mut rest| async move {
+        read_exactly(&mut s, &mut rest, EARLY.len()).await;
+        s.write_all(b"|got it").await.unwrap();
+        rest
+    })
+    .await;
+    let lb = Balancer::start(&config_with(
+        &[table],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]",
+    ))
+    .await;
+    let mut c = TcpStream::connect(("127.0.0.1", lb.proxy_port()))
+        .await
+        .unwrap();
+    c.write_all(&[upgrade_request("early").as_bytes(), EARLY].concat())
+        .await
+        .unwrap();
+    let (head, mut rest) = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let want = b"hello from the backend|got it";
+    read_exactly(&mut c, &mut rest, want.len()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        String::from_utf8_lossy(want)
+    );
+    assert_eq!(backend.await.unwrap(), EARLY, "what the backend got");
+
+    // The backend's socket is gone (its task ended): the client's connection ends too.
+    assert!(eof_within(&mut c, Duration::from_secs(5)).await);
+    let gauge = "tether_backend_open_websockets{backend=\"raw\"}";
+    assert_eventually!(Duration::from_secs(5), lb.metric(gauge).await == Some(0.0));
+    let requests = "tether_requests_total{backend=\"raw\",class=\"1xx\"}";
+    assert_eq!(lb.metric(requests).await, Some(1.0));
+    let line = format!(
+        "closed=backend bytes_to_backend={} bytes_to_client={}",
+        EARLY.len(),
+        want.len()
+    );
+    assert_eventually!(
+        Duration::from_secs(5),
+        lb.log()
+            .lines()
+            .any(|l| l.contains("tether::access") && l.contains(&line)),
+        "an access line with `{line}`:\n{}",
+        tail(&lb.log(), 10)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabytes_cross_the_tunnel_both_ways_intact_past_a_client_that_reads_late() {
+    // The client sends everything before it reads anything: the backend's bytes pile up in
+    // tether until the client reads, while the client's keep flowing the other way.
+    const SIZE: usize = 24 << 20;
+    let pattern = |seed: u8| -> Vec<u8> {
+        (0..SIZE)
+            .map(|i| (i % 251) as u8 ^ seed)
+            .collect::<Vec<u8>>()
+    };
+    let (up, down) = (Arc::new(pattern(0x5a)), Arc::new(pattern(0xa5)));
+    let redis = RedisServer::start();
+    let (received, all_received) = tokio::sync::oneshot::channel();
+    let (table, backend) = {
+        let (up, down) = (up.clone(), down.clone());
+        raw_backend(b"", move |s, mut rest| async move {
+            let (mut r, mut w) = s.into_split();
+            let read = async {
+                read_exactly(&mut r, &mut rest, SIZE).await;
+                assert!(rest == *up, "the client's bytes arrived changed");
+                received.send(()).unwrap();
+            };
+            // The socket closes once both are done: a close ends the tunnel both ways.
+            let ((), written) = tokio::join!(read, w.write_all(&down));
+            written.expect("writing to tether");
+        })
+        .await
+    };
+    let lb = Balancer::start(&config_with(
+        &[table],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]",
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut c = socket
+        .connect(([127, 0, 0, 1], lb.proxy_port()).into())
+        .await
+        .unwrap();
+    c.write_all(upgrade_request("bulk").as_bytes())
+        .await
+        .unwrap();
+    let (head, mut rest) = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(&up).await.unwrap();
+    // Everything the client sent arrived while none of what the backend sent was read.
+    tokio::time::timeout(Duration::from_secs(20), all_received)
+        .await
+        .expect("the backend got the client's bytes within 20 s")
+        .unwrap();
+    read_exactly(&mut c, &mut rest, SIZE).await;
+    assert!(rest == *down, "the backend's bytes arrived changed");
+    backend.await.unwrap();
+    assert!(eof_within(&mut c, Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_one_way_keeps_a_tunnel_open_past_the_tunnel_timeout() {
+    // `tunnel_timeout_secs` counts silence both ways (HAProxy's `timeout tunnel`): a backend
+    // that pushes while the client says nothing keeps the tunnel open; once it stops, the
+    // tunnel closes one timeout later.
+    const TICKS: usize = 12;
+    let redis = RedisServer::start();
+    let (table, backend) = raw_backend(b"", |mut s, _| async move {
+        for _ in 0..TICKS {
+            s.write_all(b".").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Silent but open: tether must close it.
+        let mut chunk = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await;
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_)))
+    })
+    .await;
+    let lb = Balancer::start(&config_with(
+        &[table],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]\n\n[upstream]\ntunnel_timeout_secs = 1\n",
+    ))
+    .await;
+    let mut c = TcpStream::connect(("127.0.0.1", lb.proxy_port()))
+        .await
+        .unwrap();
+    c.write_all(upgrade_request("push").as_bytes())
+        .await
+        .unwrap();
+    let (head, mut rest) = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // 3 s of pushes, three tunnel timeouts: all of them arrive.
+    read_exactly(&mut c, &mut rest, TICKS).await;
+    let quiet = Instant::now();
+    assert!(eof_within(&mut c, Duration::from_secs(10)).await);
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(500),
+        "closed {:?} after the last push, tunnel_timeout_secs = 1",
+        quiet.elapsed()
+    );
+    assert!(backend.await.unwrap(), "the backend side was not closed");
+}

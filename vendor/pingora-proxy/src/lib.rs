@@ -93,6 +93,7 @@ mod proxy_h1;
 mod proxy_h2;
 mod proxy_purge;
 mod proxy_trait;
+mod tunnel;
 pub mod subrequest;
 
 use subrequest::{BodyMode, Ctx as SubrequestCtx};
@@ -100,6 +101,8 @@ use subrequest::{BodyMode, Ctx as SubrequestCtx};
 pub use proxy_cache::range_filter::{range_header_filter, MultiRangeInfo, RangeType};
 pub use proxy_purge::PurgeStatus;
 pub use proxy_trait::{FailToProxy, ProxyHttp, ProxyWarnLogContext};
+// tether patch: detached tunnels for upgraded HTTP/1 connections.
+pub use tunnel::{DetachedTunnel, OnTunnelClose, TunnelEnd, TunnelReport};
 
 pub mod prelude {
     pub use crate::{http_proxy, http_proxy_service, ProxyHttp, ProxyWarnLogContext, Session};
@@ -459,7 +462,15 @@ where
                         let (server_reused, client_reuse, error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse {
+                        // tether patch: the 101 went downstream and the tunnel is to be
+                        // detached: keep the upstream socket for it.
+                        let detach = error.is_none()
+                            && session.tunnel.as_ref().is_some_and(|t| t.upgraded);
+                        if detach {
+                            if let Some(t) = session.tunnel.as_mut() {
+                                t.upstream = Some(tunnel::take_upstream(h1));
+                            }
+                        } else if client_reuse {
                             let session = ClientSession::H1(h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())
@@ -594,6 +605,38 @@ where
         }
     }
 
+    /// tether patch: end the request, move its upgraded connection into a detached tunnel.
+    fn detach_tunnel(
+        &self,
+        mut session: Session,
+        mut ctx: SV::CTX,
+        settings: tunnel::DetachedTunnel,
+        (up, up_early): (Stream, Vec<Bytes>),
+    ) -> Option<ReusedHttpStream>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        let on_close = self.inner.tunnel_detached(&mut session, &mut ctx);
+        drop(ctx);
+        let Some((down, down_early)) = tunnel::take_downstream(session.downstream_session) else {
+            // Only HTTP/1 clients are offered a detach (proxy_1to1); were it another, the
+            // connection could not go on.
+            on_close(TunnelReport {
+                to_upstream: 0,
+                to_downstream: 0,
+                duration: Duration::ZERO,
+                end: TunnelEnd::DownstreamError(std::io::Error::other("not an HTTP/1 client")),
+            });
+            return None;
+        };
+        tokio::spawn(async move {
+            let report = tunnel::run(down, up, down_early, up_early, settings.idle_timeout).await;
+            on_close(report);
+        });
+        None
+    }
+
     fn cleanup_sub_req(&self, session: &mut Session) {
         if let Some(ctx) = session.subrequest_ctx.as_mut() {
             ctx.release_write_lock();
@@ -646,6 +689,8 @@ pub struct Session {
     upstream_write_pending_time: Duration,
     /// Flag that is set when the shutdown process has begun.
     shutdown_flag: Arc<AtomicBool>,
+    /// tether patch: an upgraded connection to detach (`ProxyHttp::detach_upgraded`).
+    tunnel: Option<tunnel::PendingTunnel>,
 }
 
 impl Session {
@@ -673,6 +718,7 @@ impl Session {
             downstream_task_seen_upgraded: false,
             upstream_write_pending_time: Duration::ZERO,
             shutdown_flag,
+            tunnel: None,
         }
     }
 
@@ -1352,6 +1398,15 @@ where
                     break;
                 }
             };
+        }
+
+        // tether patch: an upgraded connection goes on in a task of its own.
+        if proxy_error.is_none() {
+            if let Some(t) = session.tunnel.take() {
+                if let Some(upstream) = t.upstream {
+                    return self.detach_tunnel(session, ctx, t.settings, upstream);
+                }
+            }
         }
 
         // serve stale if error

@@ -115,6 +115,26 @@ where
 
         session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
 
+        // tether patch: offer to detach the upgraded connection (ProxyHttp::detach_upgraded).
+        session.tunnel = None;
+        if is_h1_upgrade_req(&req)
+            && matches!(*session.downstream_session, HttpSession::H1(_))
+            && !session.downstream_session.supports_proxy_task_api()
+            && !session.cache.enabled()
+            && session.subrequest_ctx.is_none()
+            && session.as_mut().is_body_empty()
+        {
+            session.tunnel = self
+                .inner
+                .detach_upgraded(session, ctx)
+                .map(|settings| crate::tunnel::PendingTunnel {
+                    settings,
+                    upgraded: false,
+                    upstream: None,
+                });
+        }
+        let detach = session.tunnel.is_some();
+
         session.upstream_compression.request_filter(&req);
 
         debug!("Sending header to upstream {:?}", req);
@@ -159,7 +179,13 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                pipe_state,
+                detach
+            ),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -251,6 +277,7 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
+        detach: bool,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -284,6 +311,11 @@ where
                                     || format!("Failed to send upstream task {type_str}{} to pipe",
                                         if response_done { " (end)" } else {""})
                                 );
+                            // tether patch: the 101 is on its way downstream; what the upstream
+                            // sends next is for the detached tunnel (ProxyHttp::detach_upgraded).
+                            if detach && upgraded {
+                                return Ok(false);
+                            }
                             // If the request is upgraded, the downstream pipe can early exit
                             // when the downstream connection is closed.
                             // In that case, this function should ignore that the pipe is closed.
@@ -539,6 +571,15 @@ where
             || downstream_custom_read && !downstream_state.is_errored()
             || downstream_custom_write
         {
+            // tether patch: the 101 went downstream and the connection is to be detached
+            // (ProxyHttp::detach_upgraded): stop here, the upstream half already has.
+            if session.tunnel.is_some() && session.was_upgraded() {
+                if let Some(t) = session.tunnel.as_mut() {
+                    t.upgraded = true;
+                }
+                return Ok(false);
+            }
+
             // reserve tx capacity ahead to avoid deadlock, see below
 
             let send_permit = tx
@@ -843,6 +884,16 @@ where
             }
         }
 
+        {
+            // tether patch: the 101 went downstream and the connection is to be detached
+            // (ProxyHttp::detach_upgraded): stop here, the upstream half already has.
+            if session.tunnel.is_some() && session.was_upgraded() {
+                if let Some(t) = session.tunnel.as_mut() {
+                    t.upgraded = true;
+                }
+                return Ok(false);
+            }
+        }
         let mut reuse_downstream = !downstream_state.is_errored();
         if reuse_downstream {
             match session.as_mut().finish_body().await {

@@ -494,6 +494,23 @@ pub trait ProxyHttp {
         None
     }
 
+    /// tether patch: offered for an HTTP/1 upgrade request (an HTTP/1 client, no request body,
+    /// no cache) just before its header goes upstream. `Some`: if the upstream answers `101`,
+    /// once the 101 has gone downstream the connection leaves this request's task and is copied
+    /// both ways by a small task of its own (see `tunnel.rs`), and [Self::tunnel_detached] is
+    /// called instead of [Self::logging]. `None` (the default): Pingora proxies the upgraded
+    /// connection in the request's task, as without the patch.
+    fn detach_upgraded(&self, _session: &Session, _ctx: &Self::CTX) -> Option<DetachedTunnel> {
+        None
+    }
+
+    /// tether patch: an upgraded connection was detached (see [Self::detach_upgraded]). Called
+    /// in place of [Self::logging], with the request's session and context for the last time;
+    /// the callback it returns runs when the tunnel closes.
+    fn tunnel_detached(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> OnTunnelClose {
+        Box::new(|_| {})
+    }
+
     /// Similar to [Self::response_filter()] but for response trailers.
     /// Note, returning an Ok(Some(Bytes)) will result in the downstream response
     /// trailers being written to the response body.
