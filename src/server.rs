@@ -32,6 +32,7 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     let state = Arc::new(io.block_on(State::build(config.clone(), config_path))?);
     io.spawn(state.clone().keep_tunnel_pins_alive());
     io.spawn(state.clone().reload_on_sighup());
+    io.spawn(exit_on_sigint());
     io.spawn(state.clone().follow_admin_states());
     io.spawn(crate::health::run(state.clone()));
 
@@ -122,4 +123,25 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     // `run_forever` never returns; the Redis runtime must live as long as the process.
     std::mem::forget(io);
     server.run_forever()
+}
+
+/// SIGINT stops tether at once, by exiting here rather than through Pingora's fast shutdown.
+/// That one stops its per-thread runtimes one by one without first ending the accept loops
+/// (only SIGTERM and SIGQUIT send them the shutdown watch): an accept loop whose listener was
+/// registered on a runtime already stopped then fails at once, forever, without yielding, so its
+/// own runtime never stops and the process spun at 100% CPU logging "Accept() failed" instead
+/// of exiting (`tests/websocket.rs`, `sigint_stops_tether_at_once_right_after_a_websocket`: about
+/// one SIGINT in seven right after a WebSocket closed, two proxy threads). A fast shutdown has
+/// nothing to finish: requests in flight are cut either way.
+async fn exit_on_sigint() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::interrupt()) {
+        Ok(mut sigint) => {
+            sigint.recv().await;
+            info!("SIGINT received: stopping at once");
+            std::process::exit(0);
+        }
+        // Pingora's own handler still stops the process (with the race above).
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGINT"),
+    }
 }

@@ -444,3 +444,27 @@ async fn traffic_one_way_keeps_a_tunnel_open_past_the_tunnel_timeout() {
     );
     assert!(backend.await.unwrap(), "the backend side was not closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_tether_at_once_right_after_a_websocket() {
+    // Pingora's fast shutdown (SIGINT) stops its per-thread runtimes one by one without first
+    // ending the accept loops; an accept loop whose listener was registered on a runtime already
+    // stopped then fails without ever yielding, and the process spun at 100% CPU, logging
+    // "Accept() failed", instead of exiting (about 1 stop in 7 right after a WebSocket closed,
+    // two proxy threads). tether exits on SIGINT itself.
+    let redis = RedisServer::start();
+    let a = Backend::start("a").await;
+    for n in 0..15 {
+        let mut lb = Balancer::start(&body(&[&a], &redis, "")).await;
+        let (mut ws, _) = open_ws(&lb, &format!("stop-{n}")).await;
+        assert_eq!(echo(&mut ws, "x").await, "a:x");
+        ws.close(None).await.ok();
+        drop(ws);
+        let log_before = lb.log();
+        assert!(
+            lb.stop().await.is_some(),
+            "tether still running {BALANCER_STOP_TIMEOUT:?} after SIGINT (stop {n}):\n{}",
+            tail(&log_before, 10)
+        );
+    }
+}
