@@ -288,6 +288,23 @@ async fn eof_within(s: &mut TcpStream, timeout: Duration) -> bool {
     .is_ok()
 }
 
+/// tether in front of one raw backend (`table`), keyed on the session header.
+async fn raw_balancer(redis: &RedisServer, table: String, extra: &str) -> Balancer {
+    let affinity = format!("sources = [\"header:x-session-id\"]\n{extra}");
+    Balancer::start(&config_with(&[table], Some(redis), &affinity)).await
+}
+
+/// Sends an upgrade request for `session` (and `early` right behind it) on `c`, which is
+/// connected to tether; returns what came after the 101's head.
+async fn upgrade(c: &mut TcpStream, session: &str, early: &[u8]) -> Vec<u8> {
+    c.write_all(&[upgrade_request(session).as_bytes(), early].concat())
+        .await
+        .unwrap();
+    let (head, rest) = read_head(c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    rest
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_sent_with_the_101_and_with_the_upgrade_request_cross_the_tunnel() {
     // A backend that speaks first (Engine.IO's open packet) writes with its 101; a client may
@@ -301,20 +318,11 @@ async fn bytes_sent_with_the_101_and_with_the_upgrade_request_cross_the_tunnel()
         rest
     })
     .await;
-    let lb = Balancer::start(&config_with(
-        &[table],
-        Some(&redis),
-        "sources = [\"header:x-session-id\"]",
-    ))
-    .await;
+    let lb = raw_balancer(&redis, table, "").await;
     let mut c = TcpStream::connect(("127.0.0.1", lb.proxy_port()))
         .await
         .unwrap();
-    c.write_all(&[upgrade_request("early").as_bytes(), EARLY].concat())
-        .await
-        .unwrap();
-    let (head, mut rest) = read_head(&mut c).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut rest = upgrade(&mut c, "early", EARLY).await;
     let want = b"hello from the backend|got it";
     read_exactly(&mut c, &mut rest, want.len()).await;
     assert_eq!(
@@ -372,23 +380,14 @@ async fn megabytes_cross_the_tunnel_both_ways_intact_past_a_client_that_reads_la
         })
         .await
     };
-    let lb = Balancer::start(&config_with(
-        &[table],
-        Some(&redis),
-        "sources = [\"header:x-session-id\"]",
-    ))
-    .await;
+    let lb = raw_balancer(&redis, table, "").await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(64 * 1024).unwrap();
     let mut c = socket
         .connect(([127, 0, 0, 1], lb.proxy_port()).into())
         .await
         .unwrap();
-    c.write_all(upgrade_request("bulk").as_bytes())
-        .await
-        .unwrap();
-    let (head, mut rest) = read_head(&mut c).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut rest = upgrade(&mut c, "bulk", b"").await;
     c.write_all(&up).await.unwrap();
     // Everything the client sent arrived while none of what the backend sent was read.
     tokio::time::timeout(Duration::from_secs(20), all_received)
@@ -419,20 +418,11 @@ async fn traffic_one_way_keeps_a_tunnel_open_past_the_tunnel_timeout() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_)))
     })
     .await;
-    let lb = Balancer::start(&config_with(
-        &[table],
-        Some(&redis),
-        "sources = [\"header:x-session-id\"]\n\n[upstream]\ntunnel_timeout_secs = 1\n",
-    ))
-    .await;
+    let lb = raw_balancer(&redis, table, "\n[upstream]\ntunnel_timeout_secs = 1\n").await;
     let mut c = TcpStream::connect(("127.0.0.1", lb.proxy_port()))
         .await
         .unwrap();
-    c.write_all(upgrade_request("push").as_bytes())
-        .await
-        .unwrap();
-    let (head, mut rest) = read_head(&mut c).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut rest = upgrade(&mut c, "push", b"").await;
     // 3 s of pushes, three tunnel timeouts: all of them arrive.
     read_exactly(&mut c, &mut rest, TICKS).await;
     let quiet = Instant::now();
