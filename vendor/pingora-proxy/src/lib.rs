@@ -464,9 +464,7 @@ where
                             .await;
                         // tether patch: the 101 went downstream and the tunnel is to be
                         // detached: keep the upstream socket for it.
-                        let detach = error.is_none()
-                            && session.tunnel.as_ref().is_some_and(|t| t.upgraded);
-                        if detach {
+                        if error.is_none() && session.tunnel_ready() {
                             if let Some(t) = session.tunnel.as_mut() {
                                 t.upstream = Some(tunnel::take_upstream(h1));
                             }
@@ -618,7 +616,6 @@ where
         SV::CTX: Send + Sync,
     {
         let on_close = self.inner.tunnel_detached(&mut session, &mut ctx);
-        drop(ctx);
         let Some((down, down_early)) = tunnel::take_downstream(session.downstream_session) else {
             // Only HTTP/1 clients are offered a detach (proxy_1to1); were it another, the
             // connection could not go on.
@@ -694,6 +691,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// tether patch: a detach was offered and taken (`ProxyHttp::detach_upgraded`) and the 101
+    /// has gone downstream: both halves of the proxy stop there.
+    fn tunnel_ready(&self) -> bool {
+        self.tunnel.is_some() && self.was_upgraded()
+    }
+
     fn new(
         downstream_session: impl Into<Box<HttpSession>>,
         downstream_modules: &HttpModules,

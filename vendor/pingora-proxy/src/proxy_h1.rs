@@ -113,11 +113,12 @@ where
             return (false, true, Some(e));
         }
 
-        session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
+        let upgrade_req = is_h1_upgrade_req(&req);
+        session.set_upstream_h1_upgrade_request_status(upgrade_req);
 
         // tether patch: offer to detach the upgraded connection (ProxyHttp::detach_upgraded).
         session.tunnel = None;
-        if is_h1_upgrade_req(&req)
+        if upgrade_req
             && matches!(*session.downstream_session, HttpSession::H1(_))
             && !session.downstream_session.supports_proxy_task_api()
             && !session.cache.enabled()
@@ -129,7 +130,6 @@ where
                 .detach_upgraded(session, ctx)
                 .map(|settings| crate::tunnel::PendingTunnel {
                     settings,
-                    upgraded: false,
                     upstream: None,
                 });
         }
@@ -573,10 +573,7 @@ where
         {
             // tether patch: the 101 went downstream and the connection is to be detached
             // (ProxyHttp::detach_upgraded): stop here, the upstream half already has.
-            if session.tunnel.is_some() && session.was_upgraded() {
-                if let Some(t) = session.tunnel.as_mut() {
-                    t.upgraded = true;
-                }
+            if session.tunnel_ready() {
                 return Ok(false);
             }
 
@@ -884,15 +881,9 @@ where
             }
         }
 
-        {
-            // tether patch: the 101 went downstream and the connection is to be detached
-            // (ProxyHttp::detach_upgraded): stop here, the upstream half already has.
-            if session.tunnel.is_some() && session.was_upgraded() {
-                if let Some(t) = session.tunnel.as_mut() {
-                    t.upgraded = true;
-                }
-                return Ok(false);
-            }
+        // tether patch: as at the top of the loop.
+        if session.tunnel_ready() {
+            return Ok(false);
         }
         let mut reuse_downstream = !downstream_state.is_errored();
         if reuse_downstream {

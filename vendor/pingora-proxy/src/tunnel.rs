@@ -63,8 +63,6 @@ pub type OnTunnelClose = Box<dyn FnOnce(TunnelReport) + Send>;
 /// Per request: a detach the proxy asked for, then the upstream socket once the 101 went out.
 pub(crate) struct PendingTunnel {
     pub settings: DetachedTunnel,
-    /// The 101 went downstream and both request halves stopped: the connection may be detached.
-    pub upgraded: bool,
     /// The upstream socket and what its session had already read past the 101.
     pub upstream: Option<(Stream, Vec<Bytes>)>,
 }
@@ -173,7 +171,8 @@ impl Half {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if self.pos > 0 || self.pending.capacity() > 0 {
+            if self.pos > 0 {
+                // All written: give the memory back, an idle tunnel keeps none.
                 self.pending = Vec::new();
                 self.pos = 0;
             }
@@ -235,7 +234,7 @@ pub(crate) async fn run(
     let mut to_up = Half::new(down_early);
     let mut to_down = Half::new(up_early);
     let mut last_moved = started;
-    let mut idle = idle_timeout.map(|t| Box::pin(tokio::time::sleep_until(started + t)));
+    let mut idle = idle_timeout.map(|t| (t, Box::pin(tokio::time::sleep_until(started + t))));
 
     let end = poll_fn(|cx| {
         let moved = to_up.bytes + to_down.bytes;
@@ -260,9 +259,10 @@ pub(crate) async fn run(
         if copied.is_ready() {
             return copied;
         }
-        let (Some(timeout), Some(sleep)) = (idle_timeout, idle.as_mut()) else {
+        let Some((timeout, sleep)) = idle.as_mut() else {
             return Poll::Pending;
         };
+        let timeout = *timeout;
         if to_up.bytes + to_down.bytes != moved {
             last_moved = Instant::now();
         }
