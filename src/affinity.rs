@@ -189,7 +189,7 @@ impl Extractor {
     /// `insert` configured and nothing present, a new key is minted.
     pub fn extract(
         &self,
-        headers: &HeaderMap,
+        headers: &(impl RequestHeaders + ?Sized),
         query: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Extracted {
@@ -200,7 +200,7 @@ impl Extractor {
     /// expired.
     pub fn extract_at(
         &self,
-        headers: &HeaderMap,
+        headers: &(impl RequestHeaders + ?Sized),
         query: Option<&str>,
         peer: Option<IpAddr>,
         now: u64,
@@ -209,11 +209,12 @@ impl Extractor {
         for (i, src) in self.sources.iter().enumerate() {
             let found: Option<Cow<[u8]>> = match src {
                 KeySource::Cookie(name) => {
-                    cookie::find_cookie(cookie_headers(headers), name.as_bytes()).map(Cow::Borrowed)
+                    cookie::find_cookie(headers.values("cookie"), name.as_bytes())
+                        .map(Cow::Borrowed)
                 }
                 KeySource::Header(name) => headers
-                    .get(name)
-                    .map(|v| v.as_bytes())
+                    .values(name.as_str())
+                    .next()
                     .filter(|v| !v.is_empty())
                     .map(Cow::Borrowed),
                 KeySource::Query(name) => query.and_then(|q| query_param(q, name)),
@@ -221,7 +222,7 @@ impl Extractor {
                 KeySource::Insert => {
                     let Some(ins) = &self.insert else { continue };
                     let Some(value) =
-                        cookie::find_cookie(cookie_headers(headers), ins.name.as_bytes())
+                        cookie::find_cookie(headers.values("cookie"), ins.name.as_bytes())
                     else {
                         continue;
                     };
@@ -328,11 +329,25 @@ pub fn source_tag(source: &KeySource) -> Vec<u8> {
     }
 }
 
-fn cookie_headers(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .map(|v| v.as_bytes())
+/// A request's headers as key extraction reads them: Pingora's parsed header map, or the raw
+/// header lines of tether's lean HTTP/1 path (`crate::fast`).
+pub trait RequestHeaders {
+    /// The values of header `name` (given in lowercase), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
+impl RequestHeaders for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
 }
 
 /// The first non-empty value of query parameter `name`, percent-decoded (`+` stays `+`: keys are

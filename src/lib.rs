@@ -16,6 +16,7 @@ pub mod admin;
 pub mod affinity;
 pub mod backend;
 pub mod config;
+pub mod fast;
 pub mod health;
 pub mod metrics;
 pub mod routing;

@@ -35,7 +35,9 @@ use tracing::{debug, info, warn};
 
 use crate::affinity::cookie::parse_set_cookie;
 use crate::affinity::redis::{Assigned, decode_pin, encode_pin};
-use crate::affinity::{InsertKey, KeyHash, SessionKey, engine_io_sid, is_engine_io_handshake};
+use crate::affinity::{
+    InsertKey, KeyHash, RequestHeaders, SessionKey, engine_io_sid, is_engine_io_handshake,
+};
 use crate::backend::{ActiveGuard, Backend, BackendKey, BackendSet, now_ms};
 use crate::metrics::{Lookup, Metrics, Reassign, UpstreamError, status_class};
 use crate::selection;
@@ -168,7 +170,7 @@ impl State {
     /// Move `key` off its pinned backend: choose again (skipping `exclude`) and compare-and-set
     /// against `expected`, the raw value believed to be stored. If another instance moved it
     /// first, adopt its choice when usable.
-    async fn reassign(
+    pub(crate) async fn reassign(
         &self,
         live: &Live,
         key: &SessionKey,
@@ -242,11 +244,11 @@ impl State {
         debug!(key = %key, backend = %backend.id, from, "learned pin");
     }
 
-    /// Record pins from the `Set-Cookie` headers of a response served by `backend`.
-    async fn learn(
+    /// Record pins from the `Set-Cookie` header values of a response served by `backend`.
+    pub(crate) async fn learn<'h>(
         &self,
         live: &Live,
-        response: &ResponseHeader,
+        set_cookies: impl Iterator<Item = &'h [u8]> + Send,
         backend: &Backend,
         current: Option<KeyHash>,
     ) {
@@ -254,8 +256,8 @@ impl State {
             return;
         }
         let mut learned: Vec<KeyHash> = Vec::new();
-        for header in response.headers.get_all(http::header::SET_COOKIE) {
-            let Some(c) = parse_set_cookie(header.as_bytes()) else {
+        for header in set_cookies {
+            let Some(c) = parse_set_cookie(header) else {
                 continue;
             };
             if c.removal {
@@ -273,6 +275,46 @@ impl State {
         for h in learned {
             self.learn_pin(h, backend, "set-cookie").await;
         }
+    }
+
+    /// A request's affinity key and the backend of its first attempt (`None`: none available).
+    pub(crate) async fn first_choice(
+        &self,
+        live: &Live,
+        headers: &(impl RequestHeaders + Sync + ?Sized),
+        query: Option<&str>,
+        peer_ip: Option<IpAddr>,
+        now: u64,
+    ) -> (Option<SessionKey>, Option<Arc<Backend>>) {
+        let extracted = live.extractor.extract(headers, query, peer_ip);
+        if let Some(invalid) = extracted.invalid {
+            Metrics::get()
+                .invalid_keys
+                .with_label_values(&[invalid.as_str()])
+                .inc();
+        }
+        let backend = match &extracted.key {
+            Some(key) => self.resolve(live, key, now).await,
+            None => {
+                Metrics::get().lookup(Lookup::None);
+                selection::pick(&live.backends, live.policy(), None, &[], now)
+            }
+        };
+        (extracted.key, backend)
+    }
+}
+
+/// The `Set-Cookie` value tether adds to a response from `backend` in insert mode: when the key
+/// was minted, or when the pin moved off the backend the presented cookie names.
+pub(crate) fn insert_cookie(live: &Live, key: &SessionKey, backend: &Backend) -> Option<String> {
+    match (&key.insert, live.extractor.insert_cookies()) {
+        (Some(InsertKey::Minted { raw }), Some(c)) => {
+            Some(c.set_cookie(raw.as_bytes(), &backend.id))
+        }
+        (Some(InsertKey::Presented { raw, hint }), Some(c)) if *hint != *backend.id => {
+            Some(c.set_cookie(raw.as_bytes(), &backend.id))
+        }
+        _ => None,
     }
 }
 
@@ -314,25 +356,19 @@ impl Router {
         now: u64,
     ) -> Option<Arc<Backend>> {
         let req = session.req_header();
-        let peer_ip = client_ip(session);
         let live = ctx.live.clone();
-        let extracted = live
-            .extractor
-            .extract(&req.headers, req.uri.query(), peer_ip);
-        if let Some(invalid) = extracted.invalid {
-            Metrics::get()
-                .invalid_keys
-                .with_label_values(&[invalid.as_str()])
-                .inc();
-        }
-        ctx.key = extracted.key;
-        match &ctx.key {
-            Some(key) => self.state.resolve(&live, key, now).await,
-            None => {
-                Metrics::get().lookup(Lookup::None);
-                selection::pick(&live.backends, live.policy(), None, &[], now)
-            }
-        }
+        let (key, backend) = self
+            .state
+            .first_choice(
+                &live,
+                &req.headers,
+                req.uri.query(),
+                client_ip(session),
+                now,
+            )
+            .await;
+        ctx.key = key;
+        backend
     }
 }
 
@@ -648,20 +684,12 @@ impl ProxyHttp for Router {
         let Some(backend) = ctx.current.as_ref().map(|g| g.backend().clone()) else {
             return Ok(());
         };
-        if let Some(key) = &ctx.key {
-            // Insert mode: set the cookie when minted, or when the pin moved off its hint.
-            let cookie = match (&key.insert, ctx.live.extractor.insert_cookies()) {
-                (Some(InsertKey::Minted { raw }), Some(c)) => {
-                    Some(c.set_cookie(raw.as_bytes(), &backend.id))
-                }
-                (Some(InsertKey::Presented { raw, hint }), Some(c)) if *hint != *backend.id => {
-                    Some(c.set_cookie(raw.as_bytes(), &backend.id))
-                }
-                _ => None,
-            };
-            if let Some(cookie) = cookie {
-                upstream_response.append_header("set-cookie", cookie)?;
-            }
+        if let Some(cookie) = ctx
+            .key
+            .as_ref()
+            .and_then(|key| insert_cookie(&ctx.live, key, &backend))
+        {
+            upstream_response.append_header("set-cookie", cookie)?;
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             let key = ctx.key.as_ref().map(|k| k.hash);
@@ -672,8 +700,13 @@ impl ProxyHttp for Router {
         }
         let current = ctx.key.as_ref().map(|k| k.hash);
         let live = ctx.live.clone();
+        let set_cookies = upstream_response
+            .headers
+            .get_all(http::header::SET_COOKIE)
+            .into_iter()
+            .map(|v| v.as_bytes());
         self.state
-            .learn(&live, upstream_response, &backend, current)
+            .learn(&live, set_cookies, &backend, current)
             .await;
         Ok(())
     }
@@ -780,23 +813,23 @@ impl ProxyHttp for Router {
 }
 
 /// How a request (or the WebSocket it became) ended: what its metrics and log line need.
-struct Outcome<'a> {
-    live: &'a Live,
-    key: Option<&'a SessionKey>,
-    backend: Option<&'a ActiveGuard>,
-    attempts: usize,
-    started: Instant,
-    upgraded: bool,
-    client: Option<IpAddr>,
-    method: &'a http::Method,
-    path: &'a str,
-    status: u16,
-    error: Option<&'a ErrorType>,
-    tunnel: Option<&'a TunnelReport>,
+pub(crate) struct Outcome<'a> {
+    pub(crate) live: &'a Live,
+    pub(crate) key: Option<&'a SessionKey>,
+    pub(crate) backend: Option<&'a ActiveGuard>,
+    pub(crate) attempts: usize,
+    pub(crate) started: Instant,
+    pub(crate) upgraded: bool,
+    pub(crate) client: Option<IpAddr>,
+    pub(crate) method: &'a http::Method,
+    pub(crate) path: &'a str,
+    pub(crate) status: u16,
+    pub(crate) error: Option<&'a ErrorType>,
+    pub(crate) tunnel: Option<&'a TunnelReport>,
 }
 
 /// Count a finished request by backend and status class, and write its access log line.
-fn record(o: Outcome<'_>) {
+pub(crate) fn record(o: Outcome<'_>) {
     match (o.backend, status_class(o.status)) {
         (Some(g), Some(class)) => {
             let stats = &g.backend().stats;

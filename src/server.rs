@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::HttpProxy;
 use pingora::server::Server;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::services::listening::Service;
@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::fast::Front;
 use crate::routing::Router;
 use crate::state::State;
 
@@ -61,12 +62,20 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = http_proxy_service_with_name(
-        &server.configuration,
+    // Pingora's proxy, behind tether's lean HTTP/1 path (src/fast.rs), which takes plain GET and
+    // HEAD requests and hands everything else to it.
+    let mut pingora_proxy = HttpProxy::new(
         Router {
             state: state.clone(),
         },
-        "tether proxy",
+        server.configuration.clone(),
+    );
+    pingora_proxy.handle_init_modules();
+    // The whole request head must arrive within this (vendored Pingora patch, see vendor/).
+    pingora_proxy.client_header_timeout = Some(config.server.client_header_timeout);
+    let mut proxy = Service::new(
+        "tether proxy".to_string(),
+        Front::new(pingora_proxy, state.clone()),
     );
     for addr in &config.server.listen {
         // No read buffer in front of client sockets. Pingora's default is a 64 KiB
@@ -79,11 +88,6 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
                 .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
         );
     }
-    // The whole request head must arrive within this (vendored Pingora patch, see vendor/).
-    proxy
-        .app_logic_mut()
-        .expect("a proxy service has its app")
-        .client_header_timeout = Some(config.server.client_header_timeout);
     let state_for_phases = state.clone();
     let mut admin = Service::new("tether admin".to_string(), AdminApp::new(state));
     admin.add_tcp(&config.admin.listen.to_string());
