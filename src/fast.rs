@@ -42,7 +42,7 @@ use crate::affinity::redis::encode_pin;
 use crate::affinity::{SessionKey, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::metrics::{Metrics, Reassign, UpstreamError};
-use crate::routing::{Outcome, Router, insert_cookie, record};
+use crate::routing::{Outcome, Router, connect_failed, insert_cookie, record};
 use crate::selection;
 use crate::state::{Live, State};
 
@@ -488,26 +488,12 @@ impl Exchange<'_> {
             };
             match failure {
                 Failed::Connect(e) => {
-                    b.eject(now_ms(), upstream.passive_eject);
-                    b.stats.connect_failures.inc();
-                    if !self.failed.contains(&b.key) {
-                        self.failed.push(b.key);
-                    }
-                    let others_left = self
-                        .live
-                        .backends
-                        .all()
-                        .iter()
-                        .any(|x| !self.failed.contains(&x.key));
-                    if self.failed.len() <= upstream.connect_retries && others_left {
-                        warn!(backend = %b.id, error = %e, "connect failed; retrying on another backend");
-                        Metrics::get().retries.inc();
+                    if connect_failed(self.live, &b, &mut self.failed, &e) {
                         drop(guard);
                         backend = self.move_pin(&b).await;
                         fresh = false;
                         continue;
                     }
-                    warn!(backend = %b.id, error = %e, "connect failed; no retry left");
                     count_upstream_error(&b, UpstreamError::Connect);
                     let etype = match e.kind() {
                         io::ErrorKind::TimedOut => ErrorType::ConnectTimedout,

@@ -372,6 +372,32 @@ impl Router {
     }
 }
 
+/// A connect to `backend` failed (on either HTTP path): eject it, count it, add it to `failed`,
+/// and say whether the request may go to another backend. `connect_retries` counts the other
+/// backends tried after connect failures; resends to the same backend after a closed connection
+/// (see `error_while_proxy`) do not use it up.
+pub(crate) fn connect_failed(
+    live: &Live,
+    backend: &Backend,
+    failed: &mut Vec<BackendKey>,
+    error: &dyn std::fmt::Display,
+) -> bool {
+    backend.eject(now_ms(), live.config.upstream.passive_eject);
+    backend.stats.connect_failures.inc();
+    if !failed.contains(&backend.key) {
+        failed.push(backend.key);
+    }
+    let others_left = live.backends.all().iter().any(|b| !failed.contains(&b.key));
+    if failed.len() <= live.config.upstream.connect_retries && others_left {
+        warn!(backend = %backend.id, %error, "connect failed; retrying on another backend");
+        Metrics::get().retries.inc();
+        true
+    } else {
+        warn!(backend = %backend.id, %error, "connect failed; no retry left");
+        false
+    }
+}
+
 /// Displays a value, or `-` when there is none, without formatting into a `String` first
 /// (the access log writes one line per request).
 struct OrDash<T>(Option<T>);
@@ -525,27 +551,8 @@ impl ProxyHttp for Router {
         let Some(backend) = ctx.current.as_ref().map(|g| g.backend().clone()) else {
             return e;
         };
-        backend.eject(now_ms(), ctx.live.config.upstream.passive_eject);
-        backend.stats.connect_failures.inc();
-        if !ctx.failed.contains(&backend.key) {
-            ctx.failed.push(backend.key);
-        }
-        let others_left = ctx
-            .live
-            .backends
-            .all()
-            .iter()
-            .any(|b| !ctx.failed.contains(&b.key));
-        // `connect_retries` counts other backends tried after connect failures; resends to the
-        // same backend after a closed connection (see `error_while_proxy`) do not use it up.
-        if ctx.failed.len() <= ctx.live.config.upstream.connect_retries && others_left {
-            warn!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
-            Metrics::get().retries.inc();
-            e.set_retry(true);
-        } else {
-            warn!(backend = %backend.id, error = %e, "connect failed; no retry left");
-            e.set_retry(false);
-        }
+        let retry = connect_failed(&ctx.live, &backend, &mut ctx.failed, &e);
+        e.set_retry(retry);
         e
     }
 
