@@ -12,8 +12,10 @@
 //! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment (empty id: unpinned),
 //!   applied by every instance to its cache; `admin` when an operator state changed.
 //!
-//! One multiplexed RESP3 connection (redis-rs `ConnectionManager`) carries commands and the
-//! subscription; it reconnects and resubscribes by itself after a Redis restart.
+//! One multiplexed RESP3 connection (redis-rs `ConnectionManager`) carries the subscription,
+//! background and admin commands; it reconnects and resubscribes by itself after a Redis restart.
+//! The request path's commands go on one more such connection per thread that sends them (each
+//! proxy worker's own), so they do not hop to the Redis runtime's thread and back.
 //!
 //! Security: the URL may carry a password (`redis://user:password@host`) and is only ever logged
 //! through [`redact_url`]; `rediss://` connects with TLS (rustls, `ring` provider), verifying the
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushKind, Value};
+use thread_local::ThreadLocal;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
@@ -210,7 +213,14 @@ impl Liveness {
 }
 
 pub struct RedisMap {
+    /// The subscription, the prober, the refresher and the admin API.
     conn: ConnectionManager,
+    /// The request path's connections: one per thread that asks, connected on first use, so a
+    /// proxy worker's Redis round trip stays on its own thread (no hand-off to the Redis
+    /// runtime's thread and back: two cross-thread wake-ups per new session, bench s2).
+    local: ThreadLocal<ConnectionManager>,
+    client: redis::Client,
+    local_config: ConnectionManagerConfig,
     /// `<prefix>pin:`
     prefix: String,
     /// `<prefix>sessions:`
@@ -301,20 +311,25 @@ impl RedisMap {
             );
             Ok(())
         };
-        let config = ConnectionManagerConfig::new()
+        let local_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500))
-            .set_pipeline_buffer_size(1024)
+            .set_pipeline_buffer_size(1024);
+        let config = local_config
+            .clone()
             .set_push_sender(on_push)
             .set_automatic_resubscription();
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
 
         let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
         let map = Arc::new(RedisMap {
             conn,
+            local: ThreadLocal::new(),
+            client,
+            local_config,
             prefix: format!("{}pin:", settings.key_prefix),
             sessions_prefix: format!("{}sessions:", settings.key_prefix),
             admin_key: format!("{}admin", settings.key_prefix),
@@ -354,6 +369,12 @@ impl RedisMap {
             return Err(RedisError::Reply(pong));
         }
         within(timeout, conn.subscribe(&self.channel)).await?;
+        // The workers' own connections too: one that lost its socket fails its next command
+        // (and reconnects), which must be this PING rather than a request's.
+        for local in self.local.iter() {
+            let mut local = local.clone();
+            let _: String = within(timeout, redis::cmd("PING").query_async(&mut local)).await?;
+        }
         self.liveness.mark_up();
         // Operator states may have changed while we could not hear about it.
         self.admin_changed.notify_one();
@@ -401,6 +422,35 @@ impl RedisMap {
         &self.admin_changed
     }
 
+    /// The connection for a request-path command on this thread. The first time a thread asks,
+    /// its own connection is made (lazily, warmed by a PING in the background) and this command
+    /// takes the shared one, so no request waits on a connect.
+    fn request_conn(&self) -> ConnectionManager {
+        if let Some(c) = self.local.get() {
+            return c.clone();
+        }
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.local_config.clone(),
+        ) {
+            Ok(c) => {
+                let mut warm = c.clone();
+                let timeout = self.timeout.max(Duration::from_millis(500));
+                tokio::spawn(async move {
+                    let pong: Result<String, RedisError> =
+                        within(timeout, redis::cmd("PING").query_async(&mut warm)).await;
+                    if let Err(e) = pong {
+                        debug!(error = %e, "a worker's redis connection did not answer yet");
+                    }
+                });
+                self.local.get_or(|| c);
+            }
+            // Only a configuration the shared connection was built from gets here.
+            Err(e) => debug!(error = %e, "no redis connection of this thread's own"),
+        }
+        self.conn.clone()
+    }
+
     /// Run one request-path pipeline: skipped while down, bounded by the timeout, timed, and
     /// marking Redis down on failure.
     async fn call<T: redis::FromRedisValue>(
@@ -410,7 +460,7 @@ impl RedisMap {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.request_conn();
         let start = Instant::now();
         let result = within(self.timeout, pipe.query_async(&mut conn)).await;
         Metrics::get()
@@ -476,7 +526,7 @@ impl RedisMap {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.request_conn();
         let ttl = self.ttl_ms();
         let mut inv = self.cas.key(self.redis_key(key));
         inv.key(self.sessions_key(id))
