@@ -3,7 +3,7 @@
 
 Starts, on ports it picks: a Redis of its own (unix socket), three static backends
 (tether-bench backends), and in front of them tether (sticky on the `sid` cookie, Redis),
-tether with affinity off (`sources = []`, no Redis: the bare Pingora path), HAProxy (stick-table
+tether with affinity off (`sources = []`, no Redis: tether without stickiness), HAProxy (stick-table
 on the `sid` cookie), NGINX (`hash $cookie_sid consistent`), plus the direct backend. Every proxy
 gets one worker thread or process. Then, targets interleaved (A B C D E) for --rounds rounds:
 
