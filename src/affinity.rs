@@ -27,7 +27,7 @@ pub struct KeyHash(pub u128);
 
 impl fmt::Display for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(self.hex().as_str())
     }
 }
 
@@ -37,7 +37,28 @@ impl fmt::Debug for KeyHash {
     }
 }
 
+/// The 32 lowercase hex digits of a [`KeyHash`], without going through `fmt` (a new session
+/// writes its key into two Redis arguments).
+pub struct Hex([u8; 32]);
+
+impl Hex {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
 impl KeyHash {
+    /// The hash as 32 lowercase hex digits, as [`Display`](fmt::Display) writes it.
+    pub fn hex(&self) -> Hex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.to_be_bytes().iter().enumerate() {
+            out[2 * i] = DIGITS[(b >> 4) as usize];
+            out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
+        }
+        Hex(out)
+    }
+
     /// Parse the 32 hex digits of [`Display`](fmt::Display).
     pub fn parse(hex: &str) -> Option<KeyHash> {
         (hex.len() == 32)
@@ -410,6 +431,21 @@ mod tests {
             max_key_bytes: 64,
             cache_entries: 100,
             insert,
+        }
+    }
+
+    #[test]
+    fn a_key_hash_prints_as_32_hex_digits_and_parses_back() {
+        for v in [
+            0u128,
+            1,
+            0xdead_beef,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            let k = KeyHash(v);
+            assert_eq!(k.to_string(), format!("{v:032x}"));
+            assert_eq!(KeyHash::parse(&k.to_string()), Some(k));
         }
     }
 

@@ -49,7 +49,7 @@ pub const PIN_VERSION: &str = "v1:";
 
 /// The value stored for a pin to backend `id`.
 pub fn encode_pin(id: &str) -> String {
-    format!("{PIN_VERSION}{id}")
+    [PIN_VERSION, id].concat()
 }
 
 /// The backend id of a stored value, `None` if the format is not one this build reads.
@@ -400,12 +400,12 @@ impl RedisMap {
 
     /// The Redis key of a pin.
     pub fn redis_key(&self, key: KeyHash) -> String {
-        format!("{}{key}", self.prefix)
+        [self.prefix.as_str(), key.hex().as_str()].concat()
     }
 
     /// The sorted set of the pins on backend `id`.
     fn sessions_key(&self, id: &str) -> String {
-        format!("{}{id}", self.sessions_prefix)
+        [self.sessions_prefix.as_str(), id].concat()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -487,7 +487,7 @@ impl RedisMap {
             .arg(self.sessions_key(id))
             .arg("GT")
             .arg(unix_ms() + ttl)
-            .arg(key.to_string())
+            .arg(key.hex().as_str())
             .ignore();
         let (old,): (Option<String>,) = self.call(&pipe).await?;
         Ok(match old {
@@ -510,7 +510,7 @@ impl RedisMap {
         pipe.cmd("ZADD")
             .arg(self.sessions_key(id))
             .arg(unix_ms() + ttl)
-            .arg(key.to_string())
+            .arg(key.hex().as_str())
             .ignore();
         self.call(&pipe).await
     }
@@ -534,7 +534,7 @@ impl RedisMap {
             .arg(encode_pin(id))
             .arg(ttl)
             .arg(&self.channel)
-            .arg(key.to_string())
+            .arg(key.hex().as_str())
             .arg(&self.sessions_prefix)
             .arg(unix_ms() + ttl);
         let start = Instant::now();
@@ -569,7 +569,7 @@ impl RedisMap {
         let mut conn = self.conn.clone();
         let mut inv = self.unpin.key(self.redis_key(key));
         inv.arg(&self.channel)
-            .arg(key.to_string())
+            .arg(key.hex().as_str())
             .arg(&self.sessions_prefix);
         within(self.timeout * 5, inv.invoke_async(&mut conn))
             .await
@@ -717,7 +717,7 @@ impl RedisMap {
                 .arg(encode_pin(id))
                 .arg(ttl)
                 .arg(expiry)
-                .arg(r.key.to_string())
+                .arg(r.key.hex().as_str())
                 .arg(&self.sessions_prefix)
                 .arg(
                     r.uncount
