@@ -313,13 +313,16 @@ impl RedisMap {
         };
         let local_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(settings.timeout))
+            // Every request-path command is bounded by `within(timeout)` already: a second timer
+            // per command inside redis-rs would only cost (bench s2).
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500))
             .set_pipeline_buffer_size(1024);
         let config = local_config
             .clone()
+            .set_response_timeout(Some(settings.timeout))
             .set_push_sender(on_push)
             .set_automatic_resubscription();
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
