@@ -165,19 +165,6 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: tether\r\nx-session-id: s1\r\n\r\n")
 }
 
-async fn eof_within(c: &mut TcpStream, timeout: Duration) -> bool {
-    let mut chunk = [0u8; 1024];
-    tokio::time::timeout(timeout, async {
-        loop {
-            match c.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await
-    .is_ok()
-}
 
 const CHUNKED_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Backend-Id: raw\r\n\r\n";

@@ -274,19 +274,6 @@ where
 
 use tokio::task::JoinHandle;
 
-async fn eof_within(s: &mut TcpStream, timeout: Duration) -> bool {
-    let mut chunk = [0u8; 1024];
-    tokio::time::timeout(timeout, async {
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await
-    .is_ok()
-}
 
 /// tether in front of one raw backend (`table`), keyed on the session header.
 async fn raw_balancer(redis: &RedisServer, table: String, extra: &str) -> Balancer {

@@ -87,6 +87,23 @@ where
     }
 }
 
+/// Whether the peer closes `s` (EOF or an error) within `timeout`; whatever else it sends
+/// meanwhile is read and dropped.
+pub async fn eof_within(s: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 1024];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// [`eventually`] for synchronous conditions outside (or deliberately blocking) a runtime.
 pub fn eventually_blocking(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
