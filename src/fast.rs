@@ -31,7 +31,7 @@ use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, Stream};
-use pingora::proxy::HttpProxy;
+use pingora::proxy::{HttpProxy, SHUTDOWN_READ_GRACE};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,14 +41,14 @@ use tracing::{debug, warn};
 use crate::affinity::redis::encode_pin;
 use crate::affinity::{SessionKey, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
-use crate::metrics::{Metrics, Reassign, UpstreamError};
-use crate::routing::{Outcome, Router, connect_failed, insert_cookie, record};
+use crate::metrics::{Reassign, UpstreamError};
+use crate::routing::{
+    Outcome, Router, connect_failed, count_upstream_error, insert_cookie, record,
+    upstream_error_kind,
+};
 use crate::selection;
 use crate::state::{Live, State};
 
-/// A connection accepted just before the listeners stopped gets this long to deliver its request
-/// (as on Pingora's path, vendor/README.md).
-const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from a backend at a time, and the most a response head may take.
 const UPSTREAM_READ: usize = 16 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -87,9 +87,11 @@ struct Client {
     /// Bytes read and not yet consumed: the head being parsed, then any pipelined request.
     buf: Vec<u8>,
     peer_ip: Option<IpAddr>,
-    /// Requests this connection carried: the first waits `client_header_timeout` for its head,
-    /// later ones the keep-alive idle time on top.
-    served: u64,
+    /// `peer_ip` as text, formatted once per connection for `X-Forwarded-For`.
+    peer_text: Option<Box<str>>,
+    /// The connection carried a request before: the first waits `client_header_timeout` for its
+    /// head, later ones the keep-alive idle time on top.
+    reused: bool,
     shutdown: ShutdownWatch,
 }
 
@@ -115,17 +117,18 @@ impl ServerApp for Front {
             stream,
             buf: Vec::new(),
             peer_ip,
-            served: 0,
+            peer_text: peer_ip.map(|ip| ip.to_string().into_boxed_str()),
+            reused: false,
             shutdown: shutdown.clone(),
         };
         loop {
             match self.serve(&mut client).await {
-                Next::KeepAlive => client.served += 1,
+                Next::KeepAlive => client.reused = true,
                 Next::Close => return None,
                 Next::Pingora => {
                     let buf = std::mem::take(&mut client.buf);
                     client.stream = self.pingora(client.stream, &buf, shutdown).await?;
-                    client.served += 1;
+                    client.reused = true;
                 }
             }
         }
@@ -161,10 +164,10 @@ impl Front {
         let (deadline, max_head) = {
             let waiting = self.state.live();
             let server = &waiting.config.server;
-            let limit = if c.served == 0 {
-                server.client_header_timeout
-            } else {
+            let limit = if c.reused {
                 server.client_header_timeout + server.keepalive_timeout
+            } else {
+                server.client_header_timeout
             };
             (Instant::now() + limit, server.max_request_header_bytes)
         };
@@ -196,12 +199,14 @@ impl Front {
         let server = &live.config.server;
         let head = &c.buf[..head_len];
         // Few header slots first (filling them costs), as many as allowed if they do not do.
-        let mut headers = vec![httparse::EMPTY_HEADER; FEW_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
+        // The few slots live in the connection's task (no allocation per request).
+        let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+        let mut many;
+        let mut req = httparse::Request::new(&mut few);
         let mut parsed = req.parse(head);
         if parsed == Err(httparse::Error::TooManyHeaders) {
-            headers = vec![httparse::EMPTY_HEADER; server.max_request_headers];
-            req = httparse::Request::new(&mut headers);
+            many = vec![httparse::EMPTY_HEADER; server.max_request_headers];
+            req = httparse::Request::new(&mut many);
             parsed = req.parse(head);
         }
         if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
@@ -225,7 +230,7 @@ impl Front {
             .state
             .first_choice(&live, &*req.headers, query, c.peer_ip, now)
             .await;
-        let upstream_request = upstream_request(&req, c.peer_ip);
+        let upstream_request = upstream_request(&req, c.peer_text.as_deref());
         let mut ex = Exchange {
             state: &self.state,
             live: &live,
@@ -355,7 +360,7 @@ impl Plain {
 /// The request as the backend gets it: the client's headers in their order and spelling, then
 /// `X-Forwarded-For` (the client's values, folded, and the peer address) and
 /// `X-Forwarded-Proto: http`.
-fn upstream_request(req: &httparse::Request<'_, '_>, peer_ip: Option<IpAddr>) -> Vec<u8> {
+fn upstream_request(req: &httparse::Request<'_, '_>, peer: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
@@ -375,14 +380,14 @@ fn upstream_request(req: &httparse::Request<'_, '_>, peer_ip: Option<IpAddr>) ->
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(ip) = peer_ip {
+    if let Some(ip) = peer {
         out.extend_from_slice(b"x-forwarded-for: ");
         for v in forwarded_for {
             out.extend_from_slice(v);
             out.extend_from_slice(b", ");
         }
-        std::io::Write::write_fmt(&mut out, format_args!("{ip}\r\n"))
-            .expect("writing to a Vec cannot fail");
+        out.extend_from_slice(ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-proto: http\r\n\r\n");
     out
@@ -442,11 +447,7 @@ impl Exchange<'_> {
             };
             self.attempts += 1;
             let guard = b.track();
-            let pooled = if fresh {
-                None
-            } else {
-                pool::take(&b, upstream.idle_timeout)
-            };
+            let pooled = if fresh { None } else { pool::take(&b) };
             let reused = pooled.is_some();
             let conn = match pooled {
                 Some(s) => Ok(s),
@@ -471,10 +472,14 @@ impl Exchange<'_> {
                         };
                     }
                     Err(Relay::Before(f)) => f,
-                    Err(Relay::After { status, error }) => {
+                    Err(Relay::After {
+                        status,
+                        error,
+                        backend,
+                    }) => {
                         // Part of the response went out: nothing to answer, nothing to retry.
-                        if let Some(kind) = relay_error_kind(&error) {
-                            count_upstream_error(&b, kind);
+                        if backend {
+                            count_upstream_error(&b, upstream_error_kind(&error));
                         }
                         return Served {
                             guard: Some(guard),
@@ -662,12 +667,13 @@ impl Exchange<'_> {
                 }
             };
             let head = &buf[..head_len];
-            let mut headers = vec![httparse::EMPTY_HEADER; FEW_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
+            let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+            let mut many;
+            let mut resp = httparse::Response::new(&mut few);
             let mut parsed = parse_response_into(&mut resp, head);
             if parsed == Err(httparse::Error::TooManyHeaders) {
-                headers = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-                resp = httparse::Response::new(&mut headers);
+                many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                resp = httparse::Response::new(&mut many);
                 parsed = parse_response_into(&mut resp, head);
             }
             if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
@@ -684,12 +690,13 @@ impl Exchange<'_> {
                 if status != 100
                     && let Err(e) = write_flush(client, head).await
                 {
+                    debug!(error = %e, "client write failed");
                     return Err(Relay::After {
                         status,
-                        error: client_error(e),
+                        error: ErrorType::WriteError,
+                        backend: false,
                     });
                 }
-                drop(headers);
                 buf.drain(..head_len);
                 continue;
             }
@@ -714,8 +721,10 @@ impl Exchange<'_> {
                 .await;
             let mut out = Vec::with_capacity(head_len + 256);
             out.extend_from_slice(b"HTTP/1.1 ");
-            std::io::Write::write_fmt(&mut out, format_args!("{status} "))
-                .expect("writing to a Vec cannot fail");
+            // httparse gives three digits: always a valid status code.
+            let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+            out.extend_from_slice(code.as_str().as_bytes());
+            out.push(b' ');
             out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
             out.extend_from_slice(b"\r\n");
             for h in resp.headers.iter() {
@@ -739,7 +748,6 @@ impl Exchange<'_> {
             } else {
                 b"connection: close\r\n\r\n"
             });
-            drop(headers);
             let relayed = relay_body(
                 framing,
                 &mut buf,
@@ -753,7 +761,16 @@ impl Exchange<'_> {
             .map_err(|e| match e {
                 // The first body bytes were already bad: nothing went out, answer 502.
                 BodyError::BeforeHead => Relay::Before(Failed::Protocol("invalid chunk")),
-                BodyError::After(error) => Relay::After { status, error },
+                BodyError::Client => Relay::After {
+                    status,
+                    error: ErrorType::WriteError,
+                    backend: false,
+                },
+                BodyError::Backend(error) => Relay::After {
+                    status,
+                    error,
+                    backend: true,
+                },
             })?;
             return Ok((status, relayed && !backend_close, keep_client));
         }
@@ -769,34 +786,22 @@ fn failed_with(guard: ActiveGuard, status: u16, error: ErrorType) -> Served {
     }
 }
 
-fn count_upstream_error(b: &Backend, kind: UpstreamError) {
-    Metrics::get()
-        .upstream_errors
-        .with_label_values(&[&*b.id, kind.as_str()])
-        .inc();
-}
-
 /// An attempt that failed: before the client got anything (it may be retried or answered), or
-/// after part of the response went out.
+/// after part of the response went out, by the backend's fault (counted in
+/// `tether_upstream_errors_total`) or the client's.
 enum Relay {
     Before(Failed),
-    After { status: u16, error: ErrorType },
-}
-
-/// Which failures after the response head are the backend's, for `tether_upstream_errors_total`.
-fn relay_error_kind(e: &ErrorType) -> Option<UpstreamError> {
-    match e {
-        ErrorType::ReadTimedout => Some(UpstreamError::Timeout),
-        ErrorType::ConnectionClosed | ErrorType::ReadError => Some(UpstreamError::Closed),
-        ErrorType::Custom("InvalidChunk") => Some(UpstreamError::Protocol),
-        _ => None,
-    }
+    After {
+        status: u16,
+        error: ErrorType,
+        backend: bool,
+    },
 }
 
 /// A client write failure (the client went away): not the backend's.
-fn client_error(e: io::Error) -> ErrorType {
+fn client_error(e: io::Error) -> BodyError {
     debug!(error = %e, "client write failed");
-    ErrorType::WriteError
+    BodyError::Client
 }
 
 /// Where the head at the start of `buf` ends (after its blank line), if it is all there. Bare
@@ -886,15 +891,16 @@ impl Framing {
 }
 
 /// A body that could not be relayed: found bad before its head was sent (`out` still unsent),
-/// or after.
+/// the client's write failed, or the backend failed after the head went out.
 enum BodyError {
     BeforeHead,
-    After(ErrorType),
+    Client,
+    Backend(ErrorType),
 }
 
 impl From<ErrorType> for BodyError {
     fn from(e: ErrorType) -> BodyError {
-        BodyError::After(e)
+        BodyError::Backend(e)
     }
 }
 
@@ -923,7 +929,7 @@ async fn relay_body(
             Framing::Chunked(c) => {
                 let n = c.advance(chunk).map_err(|_| {
                     if out.is_empty() {
-                        BodyError::After(ErrorType::new("InvalidChunk"))
+                        BodyError::Backend(ErrorType::new("InvalidChunk"))
                     } else {
                         BodyError::BeforeHead
                     }
@@ -1117,7 +1123,7 @@ mod pool {
     }
 
     /// An idle connection to `b` that is still open, if there is one.
-    pub(super) fn take(b: &Backend, _idle_timeout: Duration) -> Option<TcpStream> {
+    pub(super) fn take(b: &Backend) -> Option<TcpStream> {
         let now = Instant::now();
         IDLE.with_borrow_mut(|idle| {
             while let Some(i) = idle

@@ -398,6 +398,14 @@ pub(crate) fn connect_failed(
     }
 }
 
+/// Count a failed request against `backend` in `tether_upstream_errors_total{backend,kind}`.
+pub(crate) fn count_upstream_error(backend: &Backend, kind: UpstreamError) {
+    Metrics::get()
+        .upstream_errors
+        .with_label_values(&[&*backend.id, kind.as_str()])
+        .inc();
+}
+
 /// Displays a value, or `-` when there is none, without formatting into a `String` first
 /// (the access log writes one line per request).
 struct OrDash<T>(Option<T>);
@@ -419,7 +427,7 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 }
 
 /// What kind of upstream failure a Pingora error is, for `tether_upstream_errors_total`.
-fn upstream_error_kind(etype: &ErrorType) -> UpstreamError {
+pub(crate) fn upstream_error_kind(etype: &ErrorType) -> UpstreamError {
     use ErrorType::*;
     match etype {
         ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
@@ -627,10 +635,7 @@ impl ProxyHttp for Router {
     ) -> FailToProxy {
         let kind = (*e.esource() == ErrorSource::Upstream).then(|| upstream_error_kind(e.etype()));
         if let (Some(kind), Some(g)) = (kind, &ctx.current) {
-            Metrics::get()
-                .upstream_errors
-                .with_label_values(&[&*g.backend().id, kind.as_str()])
-                .inc();
+            count_upstream_error(g.backend(), kind);
         }
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,

@@ -165,7 +165,6 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: tether\r\nx-session-id: s1\r\n\r\n")
 }
 
-
 const CHUNKED_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Backend-Id: raw\r\n\r\n";
 const CHUNKED_BODY: &[&[u8]] = &[

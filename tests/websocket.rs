@@ -274,7 +274,6 @@ where
 
 use tokio::task::JoinHandle;
 
-
 /// tether in front of one raw backend (`table`), keyed on the session header.
 async fn raw_balancer(redis: &RedisServer, table: String, extra: &str) -> Balancer {
     let affinity = format!("sources = [\"header:x-session-id\"]\n{extra}");

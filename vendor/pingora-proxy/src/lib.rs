@@ -179,8 +179,8 @@ impl ShardedNotify {
 }
 
 /// tether patch: how long a connection waiting for its (first or next) request still gets at
-/// shutdown before it is dropped.
-const SHUTDOWN_READ_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// shutdown before it is dropped (public: tether's own HTTP/1 path waits as long).
+pub const SHUTDOWN_READ_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The concrete type that holds the user defined HTTP proxy.
 ///
