@@ -91,9 +91,9 @@ impl State {
             let candidate = hint
                 .clone()
                 .or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
-            match redis.assign(key.hash, &candidate.id).await {
+            match redis.assign(key.hash, &candidate.id, candidate.key).await {
                 Ok(Assigned::Won) => {
-                    // `assign` counted it in the backend's session set in the same round trip.
+                    // `assign` counts it in the backend's session set.
                     self.cache.put(key.hash, candidate.key, now, true);
                     m.lookup(Lookup::Miss);
                     m.assignments.with_label_values(&[policy.as_str()]).inc();
@@ -107,21 +107,15 @@ impl State {
                     let reason = match pinned.map(|b| (b, b.pin_blocked(now))) {
                         Some((b, None)) => {
                             self.cache.put(key.hash, b.key, now, true);
-                            // SET NX did not touch the TTL: slide it, off the request path, and
-                            // take the key out of the candidate's set, where `assign` counted it.
-                            redis.adopt(key.hash, b.key, candidate.key);
+                            // SET NX did not touch the TTL: slide it, off the request path.
+                            redis.refresh(key.hash, b.key);
                             return Some(b.clone());
                         }
                         Some((_, Some(reason))) => reason,
                         None => Reassign::Removed,
                     };
-                    let moved = self.reassign(live, key, Some(raw), reason, &[], now).await;
-                    // The compare-and-set slid the TTL and moved the key between session sets;
-                    // only a move elsewhere than the candidate leaves it counted there too.
-                    if let Some(b) = moved.as_ref().filter(|b| b.key != candidate.key) {
-                        redis.adopt(key.hash, b.key, candidate.key);
-                    }
-                    return moved;
+                    // The compare-and-set slides the TTL and moves the key between session sets.
+                    return self.reassign(live, key, Some(raw), reason, &[], now).await;
                 }
                 // A timeout is ambiguous: Redis may still execute the write. Stay with what it
                 // would hold, so that recovery does not move the session.

@@ -63,8 +63,8 @@ async fn two_instances_racing_on_500_new_keys_never_disagree() {
         assert_eq!(stored, Some(format!("v1:{}", seen[0])), "race-{i}");
     }
     assert_eq!(disagreements, 0);
-    // Each key is counted in exactly one backend's session set, the one its pin names: an
-    // assignment that lost the race counted the key on its own candidate and must take it out.
+    // Each key is counted in exactly one backend's session set, the one its pin names: only the
+    // assignment that won the race counts it, never the loser's candidate.
     let wanted: std::collections::BTreeMap<String, usize> =
         answers.iter().fold(Default::default(), |mut m, seen| {
             *m.entry(seen[0].clone()).or_default() += 1;

@@ -161,3 +161,117 @@ async fn with_redis_down_tether_fails_open_and_writes_resume_when_it_returns() {
     assert_eq!(sweep(&two.url("/"), "later", 30).await, later);
     assert!(one.log().contains("redis answers again"), "{}", one.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() {
+    // A new session's count in its backend's session set is sent a little after its `SET NX`
+    // wins. When the connect that follows fails, the compare-and-set moves the pin and its
+    // count to the next backend; the count queued for the dead one must not land after it.
+    let redis = RedisServer::start();
+    let a = Backend::start("a").await;
+    let dead = format!(
+        "[[backend]]\nid = \"dead\"\naddress = \"127.0.0.1:{}\"\n",
+        free_port()
+    );
+    let body = config_with(
+        &[a.toml(), dead],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]\npolicy = \"round_robin\"",
+    );
+    let lb = Balancer::start(&body).await;
+    // One connection, so one worker thread: its counts are sent in the order they were made.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .expect("client");
+    let sessions = 6;
+    for i in 0..sessions {
+        let sid = format!("moved-{i}");
+        let (status, id, _) = get_backend(&http, &lb.url("/"), &[(SESSION_HEADER, &sid)]).await;
+        assert_eq!((status, id.as_deref()), (200, Some("a")), "{sid}");
+    }
+    // Round-robin gave "dead" one of the first two, which moved: the others went to a at once.
+    let retried = lb.metric("tether_retries_total").await.unwrap_or(0.0);
+    assert_eq!(retried, 1.0, "{}", tail(&lb.log(), 30));
+    let card = |set: &str| -> usize {
+        redis::cmd("ZCARD")
+            .arg(format!("tether:sessions:{set}"))
+            .query(&mut redis.conn())
+            .expect("ZCARD")
+    };
+    // Every session counted on a; the last of them was queued after the dead one's count, on
+    // the same thread, so once it is in, the dead one's was sent or dropped.
+    assert_eventually!(
+        Duration::from_secs(5),
+        card("a") == sessions,
+        "a counts {}",
+        card("a")
+    );
+    assert_eq!(
+        card("dead"),
+        0,
+        "a moved session is still counted on the backend it left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
+    let redis = RedisServer::start();
+    let (a, b, c) = three_backends().await;
+    let body = config(
+        &[&a, &b, &c],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]",
+    );
+    let lb = Balancer::start(&body).await;
+    let acl = |rule: &str| {
+        let () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .query(&mut redis.conn())
+            .expect("ACL SETUSER");
+    };
+    let card = |set: &str| -> usize {
+        redis::cmd("ZCARD")
+            .arg(format!("tether:sessions:{set}"))
+            .query(&mut redis.conn())
+            .expect("ZCARD")
+    };
+    let http = client();
+    let send = || async {
+        let (status, id, _) =
+            get_backend(&http, &lb.url("/"), &[(SESSION_HEADER, "refused")]).await;
+        assert_eq!(status, 200, "{}", tail(&lb.log(), 30));
+        id.expect("every answer names its backend")
+    };
+
+    // Redis takes the pin (SET) but refuses its count (ZADD).
+    acl("-zadd");
+    let first = send().await;
+    assert_eq!(
+        redis_get(&redis, &header_pin_key("refused")),
+        Some(format!("v1:{first}"))
+    );
+    assert_eventually!(
+        Duration::from_secs(5),
+        lb.metric("tether_redis_errors_total").await.unwrap_or(0.0) >= 1.0,
+        "the refused count was sent"
+    );
+    assert_eq!(card(&first), 0);
+
+    // Once Redis takes counts again, the session's next request counts it.
+    acl("+zadd");
+    assert_eventually!(
+        Duration::from_secs(10),
+        lb.metric("tether_redis_up").await == Some(1.0),
+        "redis is up again"
+    );
+    assert_eq!(send().await, first, "the pin held");
+    assert_eventually!(
+        Duration::from_secs(5),
+        card(&first) == 1,
+        "{first} counts {}",
+        card(&first)
+    );
+}

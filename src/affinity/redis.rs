@@ -6,7 +6,8 @@
 //! - `<prefix>sessions:<backend id>`: sorted set of the pins on that backend (member: the 32 hex,
 //!   score: when the pin expires, Unix ms), maintained with every write and refresh so that
 //!   `ZCOUNT now +inf` counts the sessions pinned there (approximate: a pin refreshed by one
-//!   instance and expired before the next refresh by another is counted until its score passes);
+//!   instance and expired before the next refresh by another is counted until its score passes;
+//!   a new session is counted up to [`COUNT_INTERVAL`] after its pin, batched per worker thread);
 //! - `<prefix>admin`: hash of backend id -> `drain`, `drain:<deadline unix ms>` or `disable`,
 //!   the operator states every instance applies;
 //! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment (empty id: unpinned),
@@ -26,6 +27,7 @@
 //! answers. Sliding-TTL refreshes go through a bounded queue to a background task; when the queue
 //! is full a refresh is dropped and retried on a later request.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -145,11 +147,9 @@ redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
 return cur
 "#;
 
-/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix, and a backend
-/// id whose session set may count the key by mistake ('' for none). Slides the pin (or restores
-/// it if Redis lost it) and its session-set entry, on whatever backend Redis holds; takes the key
-/// out of the other backend's set unless the pin names it; returns the value Redis had (nil:
-/// restored).
+/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix. Slides the pin
+/// (or restores it if Redis lost it) and its session-set entry, on whatever backend Redis holds;
+/// returns the value Redis had (nil: restored).
 const REFRESH_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local holds = cur
@@ -162,9 +162,6 @@ end
 if string.sub(holds, 1, 3) == 'v1:' then
   redis.call('ZADD', ARGV[5] .. string.sub(holds, 4), 'GT', ARGV[3], ARGV[4])
 end
-if ARGV[6] ~= '' and holds ~= 'v1:' .. ARGV[6] then
-  redis.call('ZREM', ARGV[5] .. ARGV[6], ARGV[4])
-end
 return cur
 "#;
 
@@ -176,9 +173,15 @@ const ADMIN_CHANGED: &[u8] = b"admin";
 pub struct Refresh {
     pub key: KeyHash,
     pub backend: BackendKey,
-    /// A backend whose session set counted this key when an assignment lost its race (see
-    /// [`RedisAffinity::assign`]): the refresh takes it out there, unless the pin names it.
-    pub uncount: Option<BackendKey>,
+}
+
+/// This thread's won assignments, not yet counted in their backends' session sets (see
+/// [`RedisMap::assign`]).
+#[derive(Default)]
+struct Counts {
+    pending: RefCell<Vec<(BackendKey, KeyHash)>>,
+    /// A task of this thread is due to send them.
+    flushing: Cell<bool>,
 }
 
 /// Whether Redis answers, shared by the request path, the push handler and the prober.
@@ -219,6 +222,7 @@ pub struct RedisMap {
     /// proxy worker's Redis round trip stays on its own thread (no hand-off to the Redis
     /// runtime's thread and back: two cross-thread wake-ups per new session, bench s2).
     local: ThreadLocal<ConnectionManager>,
+    counts: ThreadLocal<Counts>,
     client: redis::Client,
     local_config: ConnectionManagerConfig,
     /// `<prefix>pin:`
@@ -255,6 +259,11 @@ pub struct StoredPin {
 const REFRESH_QUEUE: usize = 16_384;
 /// Refreshes sent to Redis in one pipeline.
 const REFRESH_BATCH: usize = 256;
+/// How long a worker thread collects the session-set counts of its assignments before it sends
+/// them (see [`RedisMap::count`]).
+const COUNT_INTERVAL: Duration = Duration::from_millis(10);
+/// Counts sent in one pipeline, at most.
+const COUNT_BATCH: usize = 4096;
 
 impl RedisMap {
     /// Connect (waiting at most `timeout` x a few for a first answer), subscribe, and start the
@@ -331,6 +340,7 @@ impl RedisMap {
         let map = Arc::new(RedisMap {
             conn,
             local: ThreadLocal::new(),
+            counts: ThreadLocal::new(),
             client,
             local_config,
             prefix: format!("{}pin:", settings.key_prefix),
@@ -454,49 +464,103 @@ impl RedisMap {
         self.conn.clone()
     }
 
-    /// Run one request-path pipeline: skipped while down, bounded by the timeout, timed, and
+    /// Run one request-path command or pipeline: skipped while down, bounded by the timeout, timed, and
     /// marking Redis down on failure.
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, RedisError> {
+    async fn call<T: redis::FromRedisValue>(&self, command: &impl Query) -> Result<T, RedisError> {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
         let mut conn = self.request_conn();
         let start = Instant::now();
-        let result = within(self.timeout, pipe.query_async(&mut conn)).await;
+        let result = within(self.timeout, command.query(&mut conn)).await;
         Metrics::get()
             .redis_duration
             .observe(start.elapsed().as_secs_f64());
         result.inspect_err(|e| self.mark_down(e))
     }
 
-    /// First assignment: `SET key v1:<id> NX PX ttl GET`, pipelined with the `ZADD` that counts
-    /// the key in `id`'s session set. One round trip and no follow-up write: a new key almost
+    /// First assignment: `SET key v1:<id> NX PX ttl GET`, one round trip: a new key almost
     /// always wins. If another instance won the race, its value comes back and the caller adopts
-    /// it, then queues [`RedisAffinity::adopt`], which takes the key out of `id`'s set again.
-    pub async fn assign(&self, key: KeyHash, id: &str) -> Result<Assigned, RedisError> {
-        let ttl = self.ttl_ms();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(self.redis_key(key))
+    /// it. A win is counted in `backend`'s session set a little later ([`RedisMap::count`]).
+    pub async fn assign(
+        self: &Arc<Self>,
+        key: KeyHash,
+        id: &str,
+        backend: BackendKey,
+    ) -> Result<Assigned, RedisError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.redis_key(key))
             .arg(encode_pin(id))
             .arg("NX")
             .arg("PX")
-            .arg(ttl)
+            .arg(self.ttl_ms())
             .arg("GET");
-        pipe.cmd("ZADD")
-            .arg(self.sessions_key(id))
-            .arg("GT")
-            .arg(unix_ms() + ttl)
-            .arg(key.hex().as_str())
-            .ignore();
-        let (old,): (Option<String>,) = self.call(&pipe).await?;
+        let old: Option<String> = self.call(&set).await?;
         Ok(match old {
-            None => Assigned::Won,
+            None => {
+                self.count(key, backend);
+                Assigned::Won
+            }
             Some(v) => Assigned::Existing(v),
         })
+    }
+
+    /// Count `key`, just assigned by this thread, in `backend`'s session set. A `ZADD` per
+    /// assignment cost Redis as much CPU as the `SET` itself (bench s2), so this thread's counts
+    /// are sent every [`COUNT_INTERVAL`], one `ZADD` per backend with all its keys, on this
+    /// thread's connection. Lost if tether stops within that interval, or if Redis does not
+    /// take them (the pin is then marked unsynced, and a later request's refresh counts it).
+    fn count(self: &Arc<Self>, key: KeyHash, backend: BackendKey) {
+        let counts = self.counts.get_or_default();
+        counts.pending.borrow_mut().push((backend, key));
+        if !counts.flushing.replace(true) {
+            // Proxy workers run current-thread runtimes (server.rs: no work stealing): the task
+            // stays on this thread and sends this thread's counts.
+            tokio::spawn(self.clone().send_counts());
+        }
+    }
+
+    /// Task of one worker thread: every [`COUNT_INTERVAL`], while it has counts pending, send
+    /// them.
+    async fn send_counts(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(COUNT_INTERVAL).await;
+            // Not held across an await: `Counts` is this thread's, not `Sync`.
+            let mut batch = {
+                let counts = self.counts.get_or_default();
+                let batch = counts.pending.take();
+                if batch.is_empty() {
+                    counts.flushing.set(false);
+                    return;
+                }
+                batch
+            };
+            let now = now_ms();
+            // A key moved since (a connect failure reassigns within the same request, another
+            // instance's move reaches the cache by the pins channel) was counted where it went.
+            batch.retain(|&(b, key)| self.cache.get(key, now).is_none_or(|p| p.backend == b));
+            batch.sort_unstable_by_key(|&(b, _)| b.0);
+            for chunk in batch.chunks(COUNT_BATCH) {
+                let expiry = unix_ms() + self.ttl_ms();
+                let mut pipe = redis::pipe();
+                for same in chunk.chunk_by(|x, y| x.0 == y.0) {
+                    let zadd = pipe
+                        .cmd("ZADD")
+                        .arg(self.sessions_key(&self.interner.name(same[0].0)))
+                        .arg("GT");
+                    for (_, key) in same {
+                        zadd.arg(expiry).arg(key.hex().as_str());
+                    }
+                    zadd.ignore();
+                }
+                let sent: Result<(), RedisError> = self.call(&pipe).await;
+                if sent.is_err() {
+                    for &(b, key) in chunk {
+                        self.cache.mark_unsynced(key, b, now_ms());
+                    }
+                }
+            }
+        }
     }
 
     /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
@@ -639,27 +703,7 @@ impl RedisMap {
     /// Queue a sliding-TTL refresh. Never waits: a full queue drops it (the pin is marked
     /// unsynced and a later request retries).
     pub fn refresh(&self, key: KeyHash, backend: BackendKey) {
-        self.queue(Refresh {
-            key,
-            backend,
-            uncount: None,
-        });
-    }
-
-    /// After an assignment to `ours` lost its race and the key went to `backend`: slide the pin
-    /// (the `SET NX` did not) and take the key out of `ours`'s session set, where the assignment
-    /// counted it, unless Redis by then pins it to `ours`.
-    pub fn adopt(&self, key: KeyHash, backend: BackendKey, ours: BackendKey) {
-        self.queue(Refresh {
-            key,
-            backend,
-            uncount: (ours != backend).then_some(ours),
-        });
-    }
-
-    fn queue(&self, job: Refresh) {
-        let (key, backend) = (job.key, job.backend);
-        if self.refresh_tx.try_send(job).is_err() {
+        if self.refresh_tx.try_send(Refresh { key, backend }).is_err() {
             Metrics::get()
                 .refreshes
                 .with_label_values(&["dropped"])
@@ -721,12 +765,7 @@ impl RedisMap {
                 .arg(ttl)
                 .arg(expiry)
                 .arg(r.key.hex().as_str())
-                .arg(&self.sessions_prefix)
-                .arg(
-                    r.uncount
-                        .map_or_else(|| "".into(), |b| self.interner.name(b))
-                        .as_ref(),
-                );
+                .arg(&self.sessions_prefix);
         }
         let mut conn = self.conn.clone();
         let timeout = self.timeout * 4;
@@ -845,6 +884,32 @@ fn apply_push(
 pub fn install_crypto_provider() {
     // Err means a provider is already installed: keep it.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A command or a pipeline, for [`RedisMap::call`].
+trait Query: Sync {
+    fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send;
+}
+
+impl Query for redis::Cmd {
+    fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(conn)
+    }
+}
+
+impl Query for redis::Pipeline {
+    fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(conn)
+    }
 }
 
 async fn within<T>(
