@@ -1,15 +1,17 @@
 //! The per-instance cache of pins in front of Redis (and, without Redis, the whole map).
 //!
-//! Bounded by entry count (TinyUFO: S3-FIFO admission with TinyLFU, lock-free reads). An entry
-//! expires locally when it has not been refreshed for a full TTL, which is when Redis would have
-//! expired it too. It records when it was last refreshed so the request path can tell, without a
+//! Bounded by entry count (quick_cache: CLOCK-PRO eviction, sharded locks, every insert admitted,
+//! memory allocated as entries arrive, shards small enough that growing one takes well under a
+//! millisecond). An entry expires locally when it has not been refreshed for a full TTL, which is
+//! when Redis would have expired it too. It records when it was last refreshed so the request path can tell, without a
 //! Redis round trip, whether the sliding TTL is due for a refresh (every ttl/4).
 //!
 //! Time is passed in (milliseconds of [`crate::backend::now_ms`]) so tests can drive it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tinyufo::TinyUfo;
+use quick_cache::sync::Cache;
+use quick_cache::{OptionsBuilder, UnitWeighter};
 
 use super::KeyHash;
 use crate::backend::BackendKey;
@@ -38,24 +40,40 @@ impl Pin {
     }
 }
 
-/// The size estimate TinyUFO is built with. It sizes two things: the TinyLFU count-min sketch
-/// and the bucket table's initial capacity (which grows as entries arrive). Every insert here is
-/// a `force_put`, which skips TinyLFU's admission test, so the sketch is incremented on each new
-/// key but never read: sized for the cache (a million entries: 20 rows of 2.7M counters, 54 MB,
-/// twenty cache misses per new session) it cost ~5% of the worker's CPU under new sessions.
-/// Eviction (S3-FIFO) counts uses in the buckets, not in the sketch.
-const SKETCH_ESTIMATE: usize = 64;
+/// Entries per shard, about: growing a shard's table moves its entries while that shard is
+/// locked, and a request waits for it. TinyUFO, before, kept one table for the whole cache: built
+/// for a million entries it wrote 70 MB at start-up (its admission sketch: 54 MB, twenty cache
+/// misses per insert, never read since every insert here is forced); built small, its table grew
+/// by doubling and the insert that grew it past 786,432 entries took 121 ms.
+const SHARD_ENTRIES: usize = 4096;
+/// At most this many shards (a cache of more than 4M entries gets bigger shards).
+const MAX_SHARDS: usize = 1024;
 
 pub struct PinCache {
-    map: TinyUfo<u64, Pin>,
+    map: Cache<u64, Pin>,
     /// The affinity TTL; a reload may change it.
     ttl_ms: AtomicU64,
 }
 
 impl PinCache {
     pub fn new(capacity: usize, ttl_ms: u64) -> PinCache {
+        let shards = capacity
+            .div_ceil(SHARD_ENTRIES)
+            .next_power_of_two()
+            .min(MAX_SHARDS);
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(capacity)
+            .weight_capacity(capacity as u64)
+            .shards(shards)
+            .build()
+            .expect("estimated_items_capacity and weight_capacity are set");
         PinCache {
-            map: TinyUfo::new(capacity, SKETCH_ESTIMATE),
+            map: Cache::with_options(
+                options,
+                UnitWeighter,
+                Default::default(),
+                Default::default(),
+            ),
             ttl_ms: AtomicU64::new(ttl_ms),
         }
     }
@@ -78,8 +96,8 @@ impl PinCache {
     /// Pin `key` to `backend`, refreshed at `now`.
     pub fn put(&self, key: KeyHash, backend: BackendKey, now: u64, synced: bool) {
         let pin = Pin::new(key, backend, now, synced);
-        // Forced: the client's next request must find what this one decided.
-        self.map.force_put(key.0 as u64, pin, 1);
+        // Always admitted: the client's next request must find what this one decided.
+        self.map.insert(key.0 as u64, pin);
     }
 
     /// Whether a hit at `now` should refresh the pin in Redis.
@@ -193,9 +211,10 @@ mod tests {
 
     #[test]
     fn sessions_in_use_outlive_a_flood_of_new_ones() {
-        // Eviction keeps what is read (S3-FIFO's use counts), whatever the sketch's size.
+        // Eviction keeps what is read: quick_cache's hot region (97% of the entries by default)
+        // protects sessions in use from one-off keys, which pass through the cold region.
         let c = PinCache::new(1000, TTL);
-        let hot = 0..300u128;
+        let hot = 0..600u128;
         for i in hot.clone() {
             c.put(KeyHash(i), BackendKey(1), 0, true);
         }
