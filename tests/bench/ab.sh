@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# One tether alone under wrk, for A/B comparisons of two builds: starts a Redis (TCP, its own
+# port), the three static backends and tether (threads = 1, cookie:sid, least-connections), warms
+# up for 2 s, runs wrk for --secs and prints req/s, p99, and the CPU each process spent per
+# request (tether, Redis, the backends, wrk, from /proc and time(1)), Redis' commands per request
+# and tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
+# machine one run moves 10%, and the CPU per request moves less than req/s.
+#
+#   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [SCRIPT]
+#
+# SCRIPT is a wrk script of this directory's (default new_sessions.lua, s2; sessions.lua is s1).
+# DIR holds `tether` and `tether-bench` (default $CARGO_TARGET_DIR/release; run.sh builds them).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tether-target}"
+bin="$CARGO_TARGET_DIR/release"
+secs=6
+conns=64
+script="$here/new_sessions.lua"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) bin="$2"; shift 2 ;;
+    --secs) secs="$2"; shift 2 ;;
+    --conns) conns="$2"; shift 2 ;;
+    -*) echo "unknown argument $1" >&2; exit 2 ;;
+    *) script="$1"; shift ;;
+  esac
+done
+for tool in wrk redis-server redis-cli python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool (apt-get install wrk redis-server python3)" >&2; exit 1; }
+done
+[ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
+for b in tether tether-bench; do
+  [ -x "$bin/$b" ] || { echo "no $bin/$b: cargo build --release -p tether -p tether-bench" >&2; exit 1; }
+done
+
+work=$(mktemp -d /tmp/tether-ab-XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 300); do
+    python3 -c "import socket;socket.create_connection(('127.0.0.1',$1),timeout=1)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1; logs in $work" >&2; return 1
+}
+
+rp=$(port)
+redis-server --port "$rp" --save "" --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
+rpid=$!; pids+=("$rpid")
+p1=$(port); p2=$(port); p3=$(port); pt=$(port); pa=$(port)
+"$bin/tether-bench" backends "b1=127.0.0.1:$p1" "b2=127.0.0.1:$p2" "b3=127.0.0.1:$p3" \
+  > "$work/backends.log" 2>&1 &
+bpid=$!; pids+=("$bpid")
+cat > "$work/tether.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$pt"]
+threads = 1
+grace_period_secs = 0
+graceful_shutdown_timeout_secs = 0
+upgrade_sock = "$work/upgrade.sock"
+access_log = false
+[admin]
+listen = "127.0.0.1:$pa"
+[affinity]
+sources = ["cookie:sid"]
+policy = "least_connections"
+hash_key = "a/b runs only: not a secret"
+[redis]
+url = "redis://127.0.0.1:$rp"
+[[backend]]
+id = "b1"
+address = "127.0.0.1:$p1"
+[[backend]]
+id = "b2"
+address = "127.0.0.1:$p2"
+[[backend]]
+id = "b3"
+address = "127.0.0.1:$p3"
+EOF
+wait_port "$p1"; wait_port "$rp"
+RUST_LOG=warn "$bin/tether" run -c "$work/tether.toml" > "$work/tether.log" 2>&1 &
+tpid=$!; pids+=("$tpid")
+wait_port "$pt"
+
+url="http://127.0.0.1:$pt/"
+wrk -t1 -c"$conns" -d2s -s "$script" "$url" -- "warm-$$" > /dev/null
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+commands() { redis-cli -p "$rp" info stats | awk -F: '/^total_commands_processed/{print $2+0}'; }
+t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); c0=$(commands)
+/usr/bin/time -o "$work/wrk.time" -f "%U %S" \
+  wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$" > "$work/wrk.out"
+t1=$(cpu "$tpid"); r1=$(cpu "$rpid"); b1=$(cpu "$bpid"); c1=$(commands)
+rss=$(awk '/^VmRSS/{print $2}' "/proc/$tpid/status")
+python3 - "$work/wrk.out" "$work/wrk.time" "$(getconf CLK_TCK)" \
+  "$((t1 - t0))" "$((r1 - r0))" "$((b1 - b0))" "$((c1 - c0 - 1))" "$rss" "$(basename "$script")" <<'PY'
+import re, sys
+out = open(sys.argv[1]).read()
+wrk_user, wrk_sys = map(float, open(sys.argv[2]).read().split()[-2:])
+hz = int(sys.argv[3])
+tether, redis, backends, cmds, rss = (int(x) for x in sys.argv[4:9])
+reqs = int(re.search(r"(\d+) requests in", out).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p99 = re.search(r"99%\s+(\S+)", out).group(1)
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+us = lambda ticks: ticks * 1e6 / hz / max(1, reqs)
+print(f"{sys.argv[9]}: {rps:,.0f} req/s, p99 {p99}, {reqs:,} requests"
+      f"{', %s non-2xx' % bad.group(1) if bad else ''}")
+print(f"  CPU us/request: tether {us(tether):.2f}, redis {us(redis):.2f}, backends {us(backends):.2f},"
+      f" wrk {(wrk_user + wrk_sys) * 1e6 / max(1, reqs):.2f}")
+print(f"  Redis commands/request {cmds / max(1, reqs):.3f}; tether RSS {rss / 1024:.1f} MiB")
+PY
