@@ -193,12 +193,7 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
     // Round-robin gave "dead" one of the first two, which moved: the others went to a at once.
     let retried = lb.metric("tether_retries_total").await.unwrap_or(0.0);
     assert_eq!(retried, 1.0, "{}", tail(&lb.log(), 30));
-    let card = |set: &str| -> usize {
-        redis::cmd("ZCARD")
-            .arg(format!("tether:sessions:{set}"))
-            .query(&mut redis.conn())
-            .expect("ZCARD")
-    };
+    let card = |set: &str| session_set_size(&redis, set);
     // Every session counted on a; the last of them was queued after the dead one's count, on
     // the same thread, so once it is in, the dead one's was sent or dropped.
     assert_eventually!(
@@ -232,12 +227,7 @@ async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
             .query(&mut redis.conn())
             .expect("ACL SETUSER");
     };
-    let card = |set: &str| -> usize {
-        redis::cmd("ZCARD")
-            .arg(format!("tether:sessions:{set}"))
-            .query(&mut redis.conn())
-            .expect("ZCARD")
-    };
+    let card = |set: &str| session_set_size(&redis, set);
     let http = client();
     let send = || async {
         let (status, id, _) =

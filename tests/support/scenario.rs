@@ -69,6 +69,14 @@ pub fn header_pin_key(value: &str) -> String {
     format!("tether:pin:{}", key_hash(&src, value))
 }
 
+/// How many keys backend `id`'s session set counts (`ZCARD tether:sessions:<id>`).
+pub fn session_set_size(redis: &RedisServer, id: &str) -> usize {
+    redis::cmd("ZCARD")
+        .arg(format!("tether:sessions:{id}"))
+        .query(&mut redis.conn())
+        .unwrap_or_else(|e| panic!("ZCARD tether:sessions:{id}: {e}"))
+}
+
 /// The stored value of a Redis key, if any.
 pub fn redis_get(redis: &RedisServer, key: &str) -> Option<String> {
     let mut conn = redis.conn();
