@@ -228,10 +228,10 @@ impl State {
     /// Redis now when it answers, else cached as unsynced and written when it returns.
     async fn learn_pin(&self, key: KeyHash, backend: &Backend, from: &'static str) {
         Metrics::get().learned.inc();
-        let synced = match self.redis.as_deref() {
+        let synced = match &self.redis {
             // In process: the cache is the map.
             None => true,
-            Some(r) if r.is_up() => r.learn(key, &backend.id).await.is_ok(),
+            Some(r) if r.is_up() => r.learn(key, &backend.id, backend.key).await.is_ok(),
             Some(_) => false,
         };
         self.cache.put(key, backend.key, now_ms(), synced);

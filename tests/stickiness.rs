@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use support::scenario::*;
 use support::*;
@@ -135,6 +136,7 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
     );
     let lb = Balancer::start(&body).await;
     let http = client();
+    let mut owners = Vec::new();
 
     for n in 0..9 {
         // The login response sets the session cookie: whoever answered now owns the session.
@@ -162,9 +164,19 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
             )
         );
         assert_eq!(redis_get(&redis, &key), Some(format!("v1:{owner}")));
+        owners.push(owner);
     }
     let m = lb.metrics().await;
     assert_eq!(metric_value(&m, "tether_affinity_learned_total"), Some(9.0));
+    // Each learned pin is counted in its owner's session set, and nowhere else.
+    let wanted = ["a", "b", "c"].map(|id| owners.iter().filter(|o| *o == id).count());
+    assert_eq!(wanted.iter().sum::<usize>(), 9);
+    assert_eventually!(
+        Duration::from_secs(5),
+        ["a", "b", "c"].map(|id| session_set_size(&redis, id)) == wanted,
+        "session sets {:?}, owners {wanted:?}",
+        ["a", "b", "c"].map(|id| session_set_size(&redis, id))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

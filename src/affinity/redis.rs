@@ -505,7 +505,7 @@ impl RedisMap {
         })
     }
 
-    /// Count `key`, just assigned by this thread, in `backend`'s session set. A `ZADD` per
+    /// Count `key`, just assigned or learned by this thread, in `backend`'s session set. A `ZADD` per
     /// assignment cost Redis as much CPU as the `SET` itself (bench s2), so this thread's counts
     /// are sent every [`COUNT_INTERVAL`], one `ZADD` per backend with all its keys, on this
     /// thread's connection. Lost if tether stops within that interval, or if Redis does not
@@ -564,22 +564,22 @@ impl RedisMap {
     }
 
     /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
-    /// backend that issued a session id is its authority.
-    pub async fn learn(&self, key: KeyHash, id: &str) -> Result<(), RedisError> {
-        let ttl = self.ttl_ms();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(self.redis_key(key))
+    /// backend that issued a session id is its authority. Counted in `backend`'s session set as
+    /// an assignment is ([`RedisMap::count`]).
+    pub async fn learn(
+        self: &Arc<Self>,
+        key: KeyHash,
+        id: &str,
+        backend: BackendKey,
+    ) -> Result<(), RedisError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.redis_key(key))
             .arg(encode_pin(id))
             .arg("PX")
-            .arg(ttl)
-            .ignore();
-        pipe.cmd("ZADD")
-            .arg(self.sessions_key(id))
-            .arg(unix_ms() + ttl)
-            .arg(key.hex().as_str())
-            .ignore();
-        self.call(&pipe).await
+            .arg(self.ttl_ms());
+        let () = self.call(&set).await?;
+        self.count(key, backend);
+        Ok(())
     }
 
     /// Move a pin from `expected` (a raw stored value, `None` if it was missing) to `id`, unless
