@@ -38,15 +38,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::affinity::redis::encode_pin;
 use crate::affinity::{SessionKey, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
-use crate::metrics::{Reassign, UpstreamError};
+use crate::metrics::UpstreamError;
 use crate::routing::{
     Outcome, Router, connect_failed, count_upstream_error, insert_cookie, record,
     upstream_error_kind,
 };
-use crate::selection;
 use crate::state::{Live, State};
 
 /// Bytes read from a backend at a time, and the most a response head may take.
@@ -495,7 +493,10 @@ impl Exchange<'_> {
                 Failed::Connect(e) => {
                     if connect_failed(self.live, &b, &mut self.failed, &e) {
                         drop(guard);
-                        backend = self.move_pin(&b).await;
+                        backend = self
+                            .state
+                            .after_connect_failure(self.live, self.key, &b, &self.failed, now_ms())
+                            .await;
                         fresh = false;
                         continue;
                     }
@@ -550,32 +551,6 @@ impl Exchange<'_> {
                         .await;
                 }
             }
-        }
-    }
-
-    /// After a connect failure on `b`: the key's pin moves (compare-and-set), as on Pingora's path.
-    async fn move_pin(&self, b: &Backend) -> Option<Arc<Backend>> {
-        let now = now_ms();
-        match self.key {
-            Some(key) => {
-                self.state
-                    .reassign(
-                        self.live,
-                        key,
-                        Some(encode_pin(&b.id)),
-                        Reassign::ConnectFailure,
-                        &self.failed,
-                        now,
-                    )
-                    .await
-            }
-            None => selection::pick(
-                &self.live.backends,
-                self.live.policy(),
-                None,
-                &self.failed,
-                now,
-            ),
         }
     }
 

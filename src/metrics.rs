@@ -254,7 +254,7 @@ impl Metrics {
             redis_up: register_int_gauge!(REDIS_UP, "1 while Redis answers, 0 while tether fails open").expect(OK),
             redis_errors: register_int_counter!(REDIS_ERRORS, "Redis commands that failed or timed out").expect(OK),
             redis_duration: register_histogram!(
-                HistogramOpts::new(REDIS_DURATION, "Redis command round trips on the request path")
+                HistogramOpts::new(REDIS_DURATION, "Redis round trips of the proxy workers (request commands and batched session counts)")
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
             )
             .expect(OK),

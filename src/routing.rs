@@ -161,10 +161,31 @@ impl State {
         (b.pin_blocked(now).is_none() && !exclude.contains(&b.key)).then(|| b.clone())
     }
 
+    /// The backend for a request's next attempt after a connect to `failed_on` failed (on either
+    /// HTTP path): the key's pin moves off it (compare-and-set), or a keyless request picks
+    /// again; neither takes a backend in `failed`.
+    pub(crate) async fn after_connect_failure(
+        &self,
+        live: &Live,
+        key: Option<&SessionKey>,
+        failed_on: &Backend,
+        failed: &[BackendKey],
+        now: u64,
+    ) -> Option<Arc<Backend>> {
+        match key {
+            Some(key) => {
+                let expected = Some(encode_pin(&failed_on.id));
+                self.reassign(live, key, expected, Reassign::ConnectFailure, failed, now)
+                    .await
+            }
+            None => selection::pick(&live.backends, live.policy(), None, failed, now),
+        }
+    }
+
     /// Move `key` off its pinned backend: choose again (skipping `exclude`) and compare-and-set
     /// against `expected`, the raw value believed to be stored. If another instance moved it
     /// first, adopt its choice when usable.
-    pub(crate) async fn reassign(
+    async fn reassign(
         &self,
         live: &Live,
         key: &SessionKey,
@@ -517,16 +538,11 @@ impl ProxyHttp for Router {
         let chosen = match previous {
             None => self.first_choice(session, ctx, now).await,
             // A retry after a connect failure: move the pin (nothing was sent yet).
-            Some(prev) if ctx.failed.contains(&prev.key) => match &ctx.key {
-                Some(key) => {
-                    let expected = Some(encode_pin(&prev.id));
-                    let failed = ctx.failed.clone();
-                    self.state
-                        .reassign(&live, key, expected, Reassign::ConnectFailure, &failed, now)
-                        .await
-                }
-                None => selection::pick(&live.backends, live.policy(), None, &ctx.failed, now),
-            },
+            Some(prev) if ctx.failed.contains(&prev.key) => {
+                self.state
+                    .after_connect_failure(&live, ctx.key.as_ref(), &prev, &ctx.failed, now)
+                    .await
+            }
             // A retry after a reused keep-alive connection turned out closed: same backend.
             Some(prev) => Some(prev),
         };

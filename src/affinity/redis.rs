@@ -464,9 +464,13 @@ impl RedisMap {
         self.conn.clone()
     }
 
-    /// Run one request-path command or pipeline: skipped while down, bounded by the timeout, timed, and
+    /// Run one command, pipeline or script of a proxy worker (a request's, or its thread's batched
+    /// counts) on the thread's connection: skipped while down, bounded by the timeout, timed, and
     /// marking Redis down on failure.
-    async fn call<T: redis::FromRedisValue>(&self, command: &impl Query) -> Result<T, RedisError> {
+    async fn call<T: redis::FromRedisValue + Send>(
+        &self,
+        command: &impl Query,
+    ) -> Result<T, RedisError> {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
@@ -508,8 +512,8 @@ impl RedisMap {
     /// Count `key`, just assigned or learned by this thread, in `backend`'s session set. A `ZADD` per
     /// assignment cost Redis as much CPU as the `SET` itself (bench s2), so this thread's counts
     /// are sent every [`COUNT_INTERVAL`], one `ZADD` per backend with all its keys, on this
-    /// thread's connection. Lost if tether stops within that interval, or if Redis does not
-    /// take them (the pin is then marked unsynced, and a later request's refresh counts it).
+    /// thread's connection. Lost if tether stops within that interval; if Redis does not take
+    /// them, the session's next request after Redis is back refreshes the pin, which counts it.
     fn count(self: &Arc<Self>, key: KeyHash, backend: BackendKey) {
         let counts = self.counts.get_or_default();
         counts.pending.borrow_mut().push((backend, key));
@@ -553,12 +557,9 @@ impl RedisMap {
                     }
                     zadd.ignore();
                 }
-                let sent: Result<(), RedisError> = self.call(&pipe).await;
-                if sent.is_err() {
-                    for &(b, key) in chunk {
-                        self.cache.mark_unsynced(key, b, now_ms());
-                    }
-                }
+                // On failure `call` marked Redis down; once it is back, the next request of
+                // every pin cached before then refreshes it (`State::resolve`), which counts it.
+                let _: Result<(), RedisError> = self.call(&pipe).await;
             }
         }
     }
@@ -590,10 +591,6 @@ impl RedisMap {
         expected: Option<&str>,
         id: &str,
     ) -> Result<(bool, String), RedisError> {
-        if !self.is_up() {
-            return Err(RedisError::Unavailable);
-        }
-        let mut conn = self.request_conn();
         let ttl = self.ttl_ms();
         let mut inv = self.cas.key(self.redis_key(key));
         inv.key(self.sessions_key(id))
@@ -604,18 +601,11 @@ impl RedisMap {
             .arg(key.hex().as_str())
             .arg(&self.sessions_prefix)
             .arg(unix_ms() + ttl);
-        let start = Instant::now();
-        let result: Result<String, RedisError> =
-            within(self.timeout, inv.invoke_async(&mut conn)).await;
-        Metrics::get()
-            .redis_duration
-            .observe(start.elapsed().as_secs_f64());
-        result
-            .inspect_err(|e| self.mark_down(e))
-            .map(|v| match v.strip_prefix('+') {
-                Some(ours) => (true, ours.to_string()),
-                None => (false, v),
-            })
+        let v: String = self.call(&inv).await?;
+        Ok(match v.strip_prefix('+') {
+            Some(ours) => (true, ours.to_string()),
+            None => (false, v),
+        })
     }
 
     /// Where `key` is pinned in Redis (admin API; not on the request path).
@@ -630,17 +620,11 @@ impl RedisMap {
     /// Remove the pin of `key` everywhere (Redis, its session set, every instance's cache).
     /// Returns the value it had, if any.
     pub async fn unpin(&self, key: KeyHash) -> Result<Option<String>, RedisError> {
-        if !self.is_up() {
-            return Err(RedisError::Unavailable);
-        }
-        let mut conn = self.conn.clone();
         let mut inv = self.unpin.key(self.redis_key(key));
         inv.arg(&self.channel)
             .arg(key.hex().as_str())
             .arg(&self.sessions_prefix);
-        within(self.timeout * 5, inv.invoke_async(&mut conn))
-            .await
-            .inspect_err(|e| self.mark_down(e))
+        self.admin_call(&inv).await
     }
 
     /// Sessions pinned to each of `ids` (pruning expired members first).
@@ -686,16 +670,17 @@ impl RedisMap {
         self.admin_call(&pipe).await
     }
 
-    /// Run an admin pipeline: refused while Redis is down, bounded by a few timeouts.
-    async fn admin_call<T: redis::FromRedisValue>(
+    /// Run an admin command, pipeline or script: refused while Redis is down, bounded by a few
+    /// timeouts, on the shared connection.
+    async fn admin_call<T: redis::FromRedisValue + Send>(
         &self,
-        pipe: &redis::Pipeline,
+        command: &impl Query,
     ) -> Result<T, RedisError> {
         if !self.is_up() {
             return Err(RedisError::Unavailable);
         }
         let mut conn = self.conn.clone();
-        within(self.timeout * 5, pipe.query_async(&mut conn))
+        within(self.timeout * 5, command.query(&mut conn))
             .await
             .inspect_err(|e| self.mark_down(e))
     }
@@ -886,16 +871,17 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A command or a pipeline, for [`RedisMap::call`].
+/// A command, a pipeline or a script invocation, for [`RedisMap::call`] and
+/// [`RedisMap::admin_call`].
 trait Query: Sync {
-    fn query<T: redis::FromRedisValue>(
+    fn query<T: redis::FromRedisValue + Send>(
         &self,
         conn: &mut ConnectionManager,
     ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send;
 }
 
 impl Query for redis::Cmd {
-    fn query<T: redis::FromRedisValue>(
+    fn query<T: redis::FromRedisValue + Send>(
         &self,
         conn: &mut ConnectionManager,
     ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
@@ -903,8 +889,17 @@ impl Query for redis::Cmd {
     }
 }
 
+impl Query for redis::ScriptInvocation<'_> {
+    fn query<T: redis::FromRedisValue + Send>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.invoke_async(conn)
+    }
+}
+
 impl Query for redis::Pipeline {
-    fn query<T: redis::FromRedisValue>(
+    fn query<T: redis::FromRedisValue + Send>(
         &self,
         conn: &mut ConnectionManager,
     ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
