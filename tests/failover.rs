@@ -169,12 +169,10 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
     // count to the next backend; the count queued for the dead one must not land after it.
     let redis = RedisServer::start();
     let a = Backend::start("a").await;
-    let dead = format!(
-        "[[backend]]\nid = \"dead\"\naddress = \"127.0.0.1:{}\"\n",
-        free_port()
-    );
-    let body = config_with(
-        &[a.toml(), dead],
+    let mut dead = Backend::start("dead").await;
+    dead.kill_and_wait().await;
+    let body = config(
+        &[&a, &dead],
         Some(&redis),
         "sources = [\"header:x-session-id\"]\npolicy = \"round_robin\"",
     );

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One tether alone under wrk, for A/B comparisons of two builds: starts a Redis (TCP, its own
-# port), the three static backends and tether (threads = 1, cookie:sid, least-connections), warms
-# up for 2 s, runs wrk for --secs and prints req/s, p99, and the CPU each process spent per
+# One tether alone under wrk, for A/B comparisons of two builds: starts a Redis (on a unix
+# socket, as bench.py does), the three static backends and tether (stack.sh: threads = 1,
+# cookie:sid, least-connections), warms up for 2 s, runs wrk for --secs and prints req/s, p99,
+# and the CPU each process spent per
 # request (tether, Redis, the backends, wrk, from /proc and time(1)), Redis' commands per request
 # and tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
 # machine one run moves 10%, and the CPU per request moves less than req/s.
@@ -36,42 +37,8 @@ for b in tether tether-bench; do
 done
 
 work=$(mktemp -d /tmp/tether-ab-XXXXXX)
-. "$here/procs.sh"
-
-rp=$(port)
-redis-server --port "$rp" --save "" --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
-rpid=$!; pids+=("$rpid")
-p1=$(port); p2=$(port); p3=$(port); pt=$(port); pa=$(port)
-"$bin/tether-bench" backends "b1=127.0.0.1:$p1" "b2=127.0.0.1:$p2" "b3=127.0.0.1:$p3" \
-  > "$work/backends.log" 2>&1 &
-bpid=$!; pids+=("$bpid")
-cat > "$work/tether.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$pt"]
-threads = 1
-grace_period_secs = 0
-graceful_shutdown_timeout_secs = 0
-upgrade_sock = "$work/upgrade.sock"
-access_log = false
-[admin]
-listen = "127.0.0.1:$pa"
-[affinity]
-sources = ["cookie:sid"]
-policy = "least_connections"
-hash_key = "a/b runs only: not a secret"
-[redis]
-url = "redis://127.0.0.1:$rp"
-[[backend]]
-id = "b1"
-address = "127.0.0.1:$p1"
-[[backend]]
-id = "b2"
-address = "127.0.0.1:$p2"
-[[backend]]
-id = "b3"
-address = "127.0.0.1:$p3"
-EOF
-wait_port "$p1"; wait_port "$rp"
+. "$here/stack.sh"
+start_stack '["cookie:sid"]'
 RUST_LOG=warn "$bin/tether" run -c "$work/tether.toml" > "$work/tether.log" 2>&1 &
 tpid=$!; pids+=("$tpid")
 wait_port "$pt"
@@ -79,7 +46,7 @@ wait_port "$pt"
 url="http://127.0.0.1:$pt/"
 wrk -t1 -c"$conns" -d2s -s "$script" "$url" -- "warm-$$" > /dev/null
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-commands() { redis-cli -p "$rp" info stats | awk -F: '/^total_commands_processed/{print $2+0}'; }
+commands() { redis-cli -s "$redis_sock" info stats | awk -F: '/^total_commands_processed/{print $2+0}'; }
 t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); c0=$(commands)
 /usr/bin/time -o "$work/wrk.time" -f "%U %S" \
   wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$" > "$work/wrk.out"

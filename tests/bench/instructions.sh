@@ -40,40 +40,8 @@ if [ -z "$bin" ]; then
 fi
 
 work=$(mktemp -d /tmp/tether-instructions-XXXXXX)
-. "tests/bench/procs.sh"
-
-redis-server --port 0 --unixsocket "$work/redis.sock" --save "" --appendonly no --dir "$work" \
-  > "$work/redis.log" 2>&1 & pids+=($!)
-p1=$(port); p2=$(port); p3=$(port); pt=$(port); pa=$(port)
-"$bin/tether-bench" backends "b1=127.0.0.1:$p1" "b2=127.0.0.1:$p2" "b3=127.0.0.1:$p3" \
-  > "$work/backends.log" 2>&1 & pids+=($!)
-cat > "$work/tether.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$pt"]
-threads = 1
-grace_period_secs = 0
-graceful_shutdown_timeout_secs = 0
-upgrade_sock = "$work/upgrade.sock"
-access_log = false
-[admin]
-listen = "127.0.0.1:$pa"
-[affinity]
-sources = $sources
-policy = "least_connections"
-hash_key = "instructions only: not a secret"
-[redis]
-url = "redis+unix://$work/redis.sock"
-[[backend]]
-id = "b1"
-address = "127.0.0.1:$p1"
-[[backend]]
-id = "b2"
-address = "127.0.0.1:$p2"
-[[backend]]
-id = "b3"
-address = "127.0.0.1:$p3"
-EOF
-wait_port "$p1"
+. "tests/bench/stack.sh"
+start_stack "$sources"
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   "$bin/tether" run -c "$work/tether.toml" > "$work/tether.log" 2>&1 & tpid=$!
 pids+=("$tpid")
