@@ -222,6 +222,13 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Every policy, in declaration order (`ALL[p as usize] == p`).
+    pub const ALL: [Policy; 4] = [
+        Policy::LeastConnections,
+        Policy::RoundRobin,
+        Policy::Weighted,
+        Policy::Rendezvous,
+    ];
     pub const NAMES: [&'static str; 4] =
         ["least_connections", "round_robin", "weighted", "rendezvous"];
 

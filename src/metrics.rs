@@ -12,6 +12,8 @@ use prometheus::{
     register_int_gauge, register_int_gauge_vec,
 };
 
+use crate::config::Policy;
+
 /// Metric names: one constant each, so dashboards and docs have a single source.
 pub mod names {
     pub const REQUESTS: &str = "tether_requests_total";
@@ -142,6 +144,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `lookups` resolved per result once: the request path never looks a label up.
     lookup_counters: [IntCounter; 5],
+    /// `assignments` resolved per policy once, likewise (one per new session).
+    assignment_counters: [IntCounter; 4],
     pub request_duration: HistogramVec,
     pub active_requests: IntGaugeVec,
     pub open_websockets: IntGaugeVec,
@@ -184,8 +188,14 @@ impl Metrics {
             &["result"]
         )
         .expect(OK);
+        let assignments = register_int_counter_vec!(
+            Opts::new(ASSIGNMENTS, "New keys pinned, by assignment policy"),
+            &["policy"]
+        )
+        .expect(OK);
         Metrics {
             lookup_counters: Lookup::ALL.map(|l| lookups.with_label_values(&[l.as_str()])),
+            assignment_counters: Policy::ALL.map(|p| assignments.with_label_values(&[p.as_str()])),
             requests: register_int_counter_vec!(
                 Opts::new(REQUESTS, "Requests answered, by backend (\"none\" if none was chosen) and status class"),
                 &["backend", "class"]
@@ -225,11 +235,7 @@ impl Metrics {
             )
             .expect(OK),
             lookups,
-            assignments: register_int_counter_vec!(
-                Opts::new(ASSIGNMENTS, "New keys pinned, by assignment policy"),
-                &["policy"]
-            )
-            .expect(OK),
+            assignments,
             reassignments: register_int_counter_vec!(
                 Opts::new(REASSIGNMENTS, "Pinned keys moved to another backend, by reason"),
                 &["reason"]
@@ -292,6 +298,11 @@ impl Metrics {
     pub fn lookup(&self, result: Lookup) {
         self.lookup_counters[result as usize].inc();
     }
+
+    /// Count one new key pinned by `policy`.
+    pub fn assigned(&self, policy: Policy) {
+        self.assignment_counters[policy as usize].inc();
+    }
 }
 
 /// Index into [`STATUS_CLASSES`] for a status code, `None` for codes outside 100..=599.
@@ -315,6 +326,21 @@ mod tests {
         let before = m.lookups.with_label_values(&["fallback"]).get();
         m.lookup(Lookup::Fallback);
         assert_eq!(m.lookups.with_label_values(&["fallback"]).get(), before + 1);
+    }
+
+    #[test]
+    fn assignment_counters_are_indexed_by_discriminant() {
+        for (i, p) in Policy::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+            assert_eq!(p.as_str(), Policy::NAMES[i]);
+        }
+        let m = Metrics::get();
+        let before = m.assignments.with_label_values(&["weighted"]).get();
+        m.assigned(Policy::Weighted);
+        assert_eq!(
+            m.assignments.with_label_values(&["weighted"]).get(),
+            before + 1
+        );
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl State {
             let b = hint.or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
             self.cache.put(key.hash, b.key, now, true);
             m.lookup(Lookup::Miss);
-            m.assignments.with_label_values(&[policy.as_str()]).inc();
+            m.assigned(policy);
             return Some(b);
         };
         if redis.is_up() {
@@ -96,7 +96,7 @@ impl State {
                     // `assign` counts it in the backend's session set.
                     self.cache.put(key.hash, candidate.key, now, true);
                     m.lookup(Lookup::Miss);
-                    m.assignments.with_label_values(&[policy.as_str()]).inc();
+                    m.assigned(policy);
                     return Some(candidate);
                 }
                 Ok(Assigned::Existing(raw)) => {
