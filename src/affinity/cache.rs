@@ -3,8 +3,9 @@
 //! Bounded by entry count (quick_cache: CLOCK-PRO eviction, sharded locks, every insert admitted,
 //! memory allocated as entries arrive, shards small enough that growing one takes well under a
 //! millisecond). An entry expires locally when it has not been refreshed for a full TTL, which is
-//! when Redis would have expired it too. It records when it was last refreshed so the request path can tell, without a
-//! Redis round trip, whether the sliding TTL is due for a refresh (every ttl/4).
+//! when Redis would have expired it too. It records when it was last refreshed so the request
+//! path can tell, without a Redis round trip, whether the sliding TTL is due for a refresh (every
+//! ttl/4).
 //!
 //! Time is passed in (milliseconds of [`crate::backend::now_ms`]) so tests can drive it.
 
