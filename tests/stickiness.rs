@@ -56,7 +56,13 @@ async fn a_thousand_sessions_each_see_one_backend_round_robin() {
     // Each new key is assigned exactly once, in rotation.
     let mut sizes: Vec<usize> = counts.values().copied().collect();
     sizes.sort();
-    assert_eq!(sizes, vec![333, 333, 334], "{counts:?}");
+    // (A Redis timeout under load makes some keys fail open to the rendezvous hash: the log says.)
+    assert_eq!(
+        sizes,
+        vec![333, 333, 334],
+        "{counts:?}\n{}",
+        tail(&lb.log(), 40)
+    );
 
     // Every pin is in Redis, versioned, naming the backend that answered.
     for (i, s) in seen.iter().enumerate() {
