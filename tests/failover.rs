@@ -208,6 +208,86 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_own_redis_connection_is_refused_keeps_using_the_shared_one() {
+    let redis = RedisServer::start();
+    let (a, b, c) = three_backends().await;
+    let lb = Balancer::start(&config(
+        &[&a, &b, &c],
+        Some(&redis),
+        "sources = [\"header:x-session-id\"]",
+    ))
+    .await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        lb.metric("tether_redis_up").await == Some(1.0),
+        "redis is up"
+    );
+    // This connection, and the ones tether holds now, are all Redis takes: the proxy workers'
+    // own connections (made on their first command) are refused.
+    let mut admin = redis.conn();
+    let clients = |admin: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(admin)
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("connected_clients")
+    };
+    let held = clients(&mut admin);
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(held)
+        .query(&mut admin)
+        .expect("CONFIG SET maxclients");
+
+    let http = client();
+    for i in 0..40 {
+        let sid = format!("refused-{i}");
+        let (status, id, _) = get_backend(&http, &lb.url("/"), &[(SESSION_HEADER, &sid)]).await;
+        assert_eq!(status, 200, "{}", tail(&lb.log(), 30));
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(header_pin_key(&sid))
+            .query(&mut admin)
+            .expect("GET");
+        assert_eq!(
+            stored,
+            Some(format!(
+                "v1:{}",
+                id.expect("every answer names its backend")
+            )),
+            "{sid} was pinned in Redis, not failed open; log:\n{}",
+            tail(&lb.log(), 30)
+        );
+    }
+    assert_eq!(
+        lb.metric("tether_redis_errors_total").await.unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(lb.metric("tether_redis_up").await, Some(1.0));
+
+    // Once Redis takes more clients, the workers' own connections are made.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(1000)
+        .query(&mut admin)
+        .expect("CONFIG SET maxclients");
+    assert_eventually!(
+        Duration::from_secs(15),
+        {
+            let (status, _, _) =
+                get_backend(&http, &lb.url("/"), &[(SESSION_HEADER, "again")]).await;
+            status == 200 && clients(&mut admin) > held
+        },
+        "no worker connection was made: {} clients",
+        clients(&mut admin)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
     let redis = RedisServer::start();
     let (a, b, c) = three_backends().await;

@@ -30,7 +30,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -215,13 +215,50 @@ impl Liveness {
     }
 }
 
+/// A worker thread's own request-path connection, and whether it has answered yet
+/// ([`RedisMap::request_conn`]).
+struct LocalConn {
+    conn: Option<ConnectionManager>,
+    state: Arc<AtomicU8>,
+}
+
+/// Not known to answer, and nobody is trying: the thread's next command starts [`warm`].
+const LOCAL_COLD: u8 = 0;
+/// [`warm`] is trying.
+const LOCAL_WARMING: u8 = 1;
+/// It answered: the thread's commands go on it.
+const LOCAL_READY: u8 = 2;
+
+/// PING a worker's own connection until it answers (backing off from 100 ms to 5 s), then mark it
+/// ready. Ends without it if the connection's [`RedisMap`] is gone (only this task holds `state`).
+async fn warm(mut conn: ConnectionManager, state: Arc<AtomicU8>, timeout: Duration) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let pong: Result<String, RedisError> =
+            within(timeout, redis::cmd("PING").query_async(&mut conn)).await;
+        match pong {
+            Ok(_) => {
+                state.store(LOCAL_READY, Ordering::Release);
+                return;
+            }
+            Err(e) => debug!(error = %e, "a worker's redis connection did not answer yet"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+        if Arc::strong_count(&state) == 1 {
+            return;
+        }
+    }
+}
+
 pub struct RedisMap {
     /// The subscription, the prober, the refresher and the admin API.
     conn: ConnectionManager,
-    /// The request path's connections: one per thread that asks, connected on first use, so a
-    /// proxy worker's Redis round trip stays on its own thread (no hand-off to the Redis
+    /// The request path's connections: one per thread that asks, made on first use and used once
+    /// it answers ([`RedisMap::request_conn`]), so a proxy worker's Redis round trip stays on its
+    /// own thread (no hand-off to the Redis
     /// runtime's thread and back: two cross-thread wake-ups per new session, bench s2).
-    local: ThreadLocal<ConnectionManager>,
+    local: ThreadLocal<LocalConn>,
     counts: ThreadLocal<Counts>,
     client: redis::Client,
     local_config: ConnectionManagerConfig,
@@ -384,9 +421,24 @@ impl RedisMap {
         within(timeout, conn.subscribe(&self.channel)).await?;
         // The workers' own connections too: one that lost its socket fails its next command
         // (and reconnects), which must be this PING rather than a request's.
+        // One that cannot answer (Redis refuses more clients, say) leaves its thread on the shared
+        // connection and is warmed again on its thread's next command.
         for local in self.local.iter() {
-            let mut local = local.clone();
-            let _: String = within(timeout, redis::cmd("PING").query_async(&mut local)).await?;
+            let Some(conn) = &local.conn else { continue };
+            let pong: Result<String, RedisError> =
+                within(timeout, redis::cmd("PING").query_async(&mut conn.clone())).await;
+            match pong {
+                Ok(_) => local.state.store(LOCAL_READY, Ordering::Release),
+                Err(e) => {
+                    debug!(error = %e, "a worker's redis connection did not answer: it uses the shared one");
+                    let _ = local.state.compare_exchange(
+                        LOCAL_READY,
+                        LOCAL_COLD,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
         }
         self.liveness.mark_up();
         // Operator states may have changed while we could not hear about it.
@@ -435,31 +487,38 @@ impl RedisMap {
         &self.admin_changed
     }
 
-    /// The connection for a request-path command on this thread. The first time a thread asks,
-    /// its own connection is made (lazily, warmed by a PING in the background) and this command
-    /// takes the shared one, so no request waits on a connect.
+    /// The connection for a request-path command on this thread: its own once that has answered
+    /// a PING, the shared one until then. The first time a thread asks, its own connection is
+    /// made (lazily) and warmed in the background, so no request waits on a connect: a connect on
+    /// a loaded machine can outlast `timeout_ms`, and one Redis refuses (`maxclients`) would fail
+    /// every request sent on it and mark Redis down while the shared connection works.
     fn request_conn(&self) -> ConnectionManager {
-        if let Some(c) = self.local.get() {
-            return c.clone();
-        }
-        match ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.local_config.clone(),
-        ) {
-            Ok(c) => {
-                let mut warm = c.clone();
-                let timeout = self.timeout.max(Duration::from_millis(500));
-                tokio::spawn(async move {
-                    let pong: Result<String, RedisError> =
-                        within(timeout, redis::cmd("PING").query_async(&mut warm)).await;
-                    if let Err(e) = pong {
-                        debug!(error = %e, "a worker's redis connection did not answer yet");
-                    }
-                });
-                self.local.get_or(|| c);
-            }
+        let local = self.local.get_or(|| LocalConn {
+            conn: ConnectionManager::new_lazy_with_config(
+                self.client.clone(),
+                self.local_config.clone(),
+            )
             // Only a configuration the shared connection was built from gets here.
-            Err(e) => debug!(error = %e, "no redis connection of this thread's own"),
+            .map_err(|e| debug!(error = %e, "no redis connection of this thread's own"))
+            .ok(),
+            state: Arc::new(AtomicU8::new(LOCAL_COLD)),
+        });
+        let Some(conn) = &local.conn else {
+            return self.conn.clone();
+        };
+        if local.state.load(Ordering::Acquire) == LOCAL_READY {
+            return conn.clone();
+        }
+        // Only the first command to find it cold starts the warming.
+        let cold = local.state.compare_exchange(
+            LOCAL_COLD,
+            LOCAL_WARMING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if cold.is_ok() {
+            let timeout = self.timeout.max(Duration::from_millis(500));
+            tokio::spawn(warm(conn.clone(), local.state.clone(), timeout));
         }
         self.conn.clone()
     }
