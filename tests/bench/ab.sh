@@ -3,8 +3,8 @@
 # socket, as bench.py does), the three static backends and tether (stack.sh: threads = 1,
 # cookie:sid, least-connections), warms up for 2 s, runs wrk for --secs and prints req/s, p99,
 # and the CPU each process spent per
-# request (tether, Redis, the backends, wrk, from /proc and time(1)), Redis' commands per request
-# and tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
+# request (tether, Redis, the backends, wrk, from /proc and time(1)), how busy the machine was,
+# Redis' commands per request, per socket read and its time per call, and tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
 # machine one run moves 10%, and the CPU per request moves less than req/s.
 #
 #   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [SCRIPT]
@@ -46,15 +46,27 @@ wait_port "$pt"
 url="http://127.0.0.1:$pt/"
 wrk -t1 -c"$conns" -d2s -s "$script" "$url" -- "warm-$$" > /dev/null
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-commands() { redis-cli -s "$redis_sock" info stats | awk -F: '/^total_commands_processed/{print $2+0}'; }
-t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); c0=$(commands)
+# Commands, socket reads and writes Redis has processed (its INFO stats): reads per command
+# say how well tether batches its commands.
+commands() {
+  redis-cli -s "$redis_sock" info stats | awk -F: '
+    /^total_commands_processed/{c=$2+0} /^total_reads_processed/{r=$2+0}
+    /^total_writes_processed/{w=$2+0} END{print c, r, w}'
+}
+# The machine's CPU time (/proc/stat's cpu line: user nice system idle iowait irq softirq ...).
+machine() { awk '/^cpu /{print $2 + $3 + $4, $5 + $6, $7 + $8}' /proc/stat; }
+t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); read -r c0 rd0 wr0 < <(commands)
+read -r m_busy0 m_idle0 m_irq0 < <(machine)
 /usr/bin/time -o "$work/wrk.time" -f "%U %S" \
   wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$" > "$work/wrk.out"
-t1=$(cpu "$tpid"); r1=$(cpu "$rpid"); b1=$(cpu "$bpid"); c1=$(commands)
+t1=$(cpu "$tpid"); r1=$(cpu "$rpid"); b1=$(cpu "$bpid"); read -r c1 rd1 wr1 < <(commands)
+read -r m_busy1 m_idle1 m_irq1 < <(machine)
 rss=$(awk '/^VmRSS/{print $2}' "/proc/$tpid/status")
 python3 - "$work/wrk.out" "$work/wrk.time" "$(getconf CLK_TCK)" \
-  "$((t1 - t0))" "$((r1 - r0))" "$((b1 - b0))" "$((c1 - c0 - 1))" "$rss" "$(basename "$script")" <<'PY'
-import re, sys
+  "$((t1 - t0))" "$((r1 - r0))" "$((b1 - b0))" "$((c1 - c0 - 1))" "$rss" "$(basename "$script")" \
+  "$((rd1 - rd0 - 1))" "$((wr1 - wr0 - 1))" "$redis_sock" \
+  "$((m_busy1 - m_busy0))" "$((m_idle1 - m_idle0))" "$((m_irq1 - m_irq0))" <<'PY'
+import re, subprocess, sys
 out = open(sys.argv[1]).read()
 wrk_user, wrk_sys = map(float, open(sys.argv[2]).read().split()[-2:])
 hz = int(sys.argv[3])
@@ -68,5 +80,20 @@ print(f"{sys.argv[9]}: {rps:,.0f} req/s, p99 {p99}, {reqs:,} requests"
       f"{', %s non-2xx' % bad.group(1) if bad else ''}")
 print(f"  CPU us/request: tether {us(tether):.2f}, redis {us(redis):.2f}, backends {us(backends):.2f},"
       f" wrk {(wrk_user + wrk_sys) * 1e6 / max(1, reqs):.2f}")
-print(f"  Redis commands/request {cmds / max(1, reqs):.3f}; tether RSS {rss / 1024:.1f} MiB")
+reads, writes = int(sys.argv[10]), int(sys.argv[11])
+# Redis' own time per call of each command (INFO commandstats; warm-up included).
+stats = subprocess.run(["redis-cli", "-s", sys.argv[12], "info", "commandstats"],
+                       capture_output=True, text=True).stdout
+per_call = [f"{m[1].upper()} {float(m[3]):.2f} us x {int(m[2]):,}"
+            for m in re.finditer(r"cmdstat_(\w+):calls=(\d+),usec=\d+,usec_per_call=([\d.]+)", stats)
+            if m[1] in ("set", "zadd", "evalsha", "get")]
+print(f"  Redis commands/request {cmds / max(1, reqs):.3f}, commands per socket read"
+      f" {cmds / max(1, reads):.2f}, per write {cmds / max(1, writes):.2f};"
+      f" tether RSS {rss / 1024:.1f} MiB")
+busy, idle, irq = (int(x) for x in sys.argv[13:16])
+total = max(1, busy + idle + irq)
+print(f"  machine: {100 * (busy + irq) / total:.0f}% busy ({100 * irq / total:.0f}% in interrupts,"
+      f" the loopback's packets), {100 * idle / total:.0f}% idle")
+if per_call:
+    print(f"  Redis time per call: {', '.join(per_call)}")
 PY
