@@ -235,13 +235,16 @@ async fn a_worker_whose_own_redis_connection_is_refused_keeps_using_the_shared_o
             .and_then(|n| n.trim().parse().ok())
             .expect("connected_clients")
     };
+    let maxclients = |admin: &mut redis::Connection, n: u64| {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(n)
+            .query(admin)
+            .expect("CONFIG SET maxclients");
+    };
     let held = clients(&mut admin);
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxclients")
-        .arg(held)
-        .query(&mut admin)
-        .expect("CONFIG SET maxclients");
+    maxclients(&mut admin, held);
 
     let http = client();
     for i in 0..40 {
@@ -269,12 +272,7 @@ async fn a_worker_whose_own_redis_connection_is_refused_keeps_using_the_shared_o
     assert_eq!(lb.metric("tether_redis_up").await, Some(1.0));
 
     // Once Redis takes more clients, the workers' own connections are made.
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxclients")
-        .arg(1000)
-        .query(&mut admin)
-        .expect("CONFIG SET maxclients");
+    maxclients(&mut admin, 1000);
     assert_eventually!(
         Duration::from_secs(15),
         {

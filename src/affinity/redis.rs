@@ -234,10 +234,8 @@ const LOCAL_READY: u8 = 2;
 async fn warm(mut conn: ConnectionManager, state: Arc<AtomicU8>, timeout: Duration) {
     let mut pause = Duration::from_millis(100);
     loop {
-        let pong: Result<String, RedisError> =
-            within(timeout, redis::cmd("PING").query_async(&mut conn)).await;
-        match pong {
-            Ok(_) => {
+        match ping(&mut conn, timeout).await {
+            Ok(()) => {
                 state.store(LOCAL_READY, Ordering::Release);
                 return;
             }
@@ -256,8 +254,8 @@ pub struct RedisMap {
     conn: ConnectionManager,
     /// The request path's connections: one per thread that asks, made on first use and used once
     /// it answers ([`RedisMap::request_conn`]), so a proxy worker's Redis round trip stays on its
-    /// own thread (no hand-off to the Redis
-    /// runtime's thread and back: two cross-thread wake-ups per new session, bench s2).
+    /// own thread (no hand-off to the Redis runtime's thread and back: two cross-thread wake-ups
+    /// per new session, bench s2).
     local: ThreadLocal<LocalConn>,
     counts: ThreadLocal<Counts>,
     client: redis::Client,
@@ -414,10 +412,7 @@ impl RedisMap {
     async fn connect(&self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         let timeout = self.timeout.max(Duration::from_millis(500));
-        let pong: String = within(timeout, redis::cmd("PING").query_async(&mut conn)).await?;
-        if pong != "PONG" {
-            return Err(RedisError::Reply(pong));
-        }
+        ping(&mut conn, timeout).await?;
         within(timeout, conn.subscribe(&self.channel)).await?;
         // The workers' own connections too: one that lost its socket fails its next command
         // (and reconnects), which must be this PING rather than a request's.
@@ -425,10 +420,8 @@ impl RedisMap {
         // connection and is warmed again on its thread's next command.
         for local in self.local.iter() {
             let Some(conn) = &local.conn else { continue };
-            let pong: Result<String, RedisError> =
-                within(timeout, redis::cmd("PING").query_async(&mut conn.clone())).await;
-            match pong {
-                Ok(_) => local.state.store(LOCAL_READY, Ordering::Release),
+            match ping(&mut conn.clone(), timeout).await {
+                Ok(()) => local.state.store(LOCAL_READY, Ordering::Release),
                 Err(e) => {
                     debug!(error = %e, "a worker's redis connection did not answer: it uses the shared one");
                     let _ = local.state.compare_exchange(
@@ -964,6 +957,15 @@ impl Query for redis::Pipeline {
     ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
         self.query_async(conn)
     }
+}
+
+/// PING `conn` within `timeout`; anything but `PONG` is an error.
+async fn ping(conn: &mut ConnectionManager, timeout: Duration) -> Result<(), RedisError> {
+    let pong: String = within(timeout, redis::cmd("PING").query_async(conn)).await?;
+    if pong != "PONG" {
+        return Err(RedisError::Reply(pong));
+    }
+    Ok(())
 }
 
 async fn within<T>(
