@@ -71,6 +71,12 @@ impl Interner {
         let inner = self.inner.read().expect("interner lock is never poisoned");
         inner.names[key.0 as usize].clone()
     }
+
+    /// Every id interned so far.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let inner = self.inner.read().expect("interner lock is never poisoned");
+        inner.names.clone()
+    }
 }
 
 /// Operator state of a backend, set through the admin API and shared by every instance.

@@ -93,7 +93,7 @@ impl State {
                 .or_else(|| selection::pick(set, policy, Some(key.hash), &[], now))?;
             match redis.assign(key.hash, &candidate.id, candidate.key).await {
                 Ok(Assigned::Won) => {
-                    // `assign` counts it in the backend's session set.
+                    // `assign` counts it on the backend.
                     self.cache.put(key.hash, candidate.key, now, true);
                     m.lookup(Lookup::Miss);
                     m.assigned(policy);
@@ -114,7 +114,7 @@ impl State {
                         Some((_, Some(reason))) => reason,
                         None => Reassign::Removed,
                     };
-                    // The compare-and-set slides the TTL and moves the key between session sets.
+                    // The compare-and-set slides the TTL and moves the count between backends.
                     return self.reassign(live, key, Some(raw), reason, &[], now).await;
                 }
                 // A timeout is ambiguous: Redis may still execute the write. Stay with what it
@@ -252,7 +252,7 @@ impl State {
         let synced = match &self.redis {
             // In process: the cache is the map.
             None => true,
-            Some(r) if r.is_up() => r.learn(key, &backend.id, backend.key).await.is_ok(),
+            Some(r) if r.is_up() => r.learn(key, &backend.id).await.is_ok(),
             Some(_) => false,
         };
         self.cache.put(key, backend.key, now_ms(), synced);

@@ -70,7 +70,7 @@ async fn two_instances_racing_on_500_new_keys_never_disagree() {
             *m.entry(seen[0].clone()).or_default() += 1;
             m
         });
-    let counted = |backend: &str| session_set_size(&redis, backend);
+    let counted = |backend: &str| session_count(&redis, backend);
     assert_eventually!(
         Duration::from_secs(10),
         ["a", "b", "c"]

@@ -164,9 +164,9 @@ async fn with_redis_down_tether_fails_open_and_writes_resume_when_it_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() {
-    // A new session's count in its backend's session set is sent a little after its `SET NX`
-    // wins. When the connect that follows fails, the compare-and-set moves the pin and its
-    // count to the next backend; the count queued for the dead one must not land after it.
+    // A new session's count on its backend is sent a little after its `SET NX` wins. When the
+    // connect that follows fails, the compare-and-set moves the pin and its count to the next
+    // backend, before that count reached Redis: the two must still cancel on the dead one.
     let redis = RedisServer::start();
     let a = Backend::start("a").await;
     let mut dead = Backend::start("dead").await;
@@ -191,9 +191,9 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
     // Round-robin gave "dead" one of the first two, which moved: the others went to a at once.
     let retried = lb.metric("tether_retries_total").await.unwrap_or(0.0);
     assert_eq!(retried, 1.0, "{}", tail(&lb.log(), 30));
-    let card = |set: &str| session_set_size(&redis, set);
+    let card = |set: &str| session_count(&redis, set);
     // Every session counted on a; the last of them was queued after the dead one's count, on
-    // the same thread, so once it is in, the dead one's was sent or dropped.
+    // the same thread, so once it is in, the dead one's was sent.
     assert_eventually!(
         Duration::from_secs(5),
         card("a") == sessions,
@@ -205,6 +205,51 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
         0,
         "a moved session is still counted on the backend it left"
     );
+    // The +1 tether computed and the -1 the script computed went to the same bucket (a 24 h TTL
+    // makes buckets 338 s wide: the two cannot straddle a boundary but by a broken formula).
+    let fields: Vec<(u64, i64)> = redis::cmd("HGETALL")
+        .arg("tether:counts:dead")
+        .query(&mut redis.conn())
+        .expect("HGETALL");
+    assert!(
+        !fields.is_empty() && fields.iter().all(|(_, n)| *n == 0),
+        "dead's buckets {fields:?}"
+    );
+}
+
+#[test]
+fn the_scripts_and_tether_put_an_expiry_in_the_same_count_bucket() {
+    use tether::affinity::redis::{BUCKET_LUA, bucket_end, bucket_width};
+    let redis = RedisServer::start();
+    let script = format!("{BUCKET_LUA}return bucket(ARGV[1], ARGV[2])");
+    let day = 86_400_000;
+    assert_eq!(bucket_width(day), 338);
+    assert_eq!(bucket_width(60_000), 1);
+    assert_eq!(bucket_width(256_001), 2);
+    for width in [1, 2, 338, 3600] {
+        let w = width * 1000;
+        for expiry in [
+            1_764_612_345_678,
+            1_764_612_000_000 / w * w,
+            1_764_612_000_000 / w * w + 1,
+            1_764_612_000_000 / w * w - 1,
+            4_102_444_800_000,
+        ] {
+            let lua: String = redis::cmd("EVAL")
+                .arg(&script)
+                .arg(0)
+                .arg(expiry)
+                .arg(width)
+                .query(&mut redis.conn())
+                .expect("EVAL");
+            let end = bucket_end(expiry, width);
+            assert_eq!(lua, end.to_string(), "expiry {expiry}, width {width}");
+            assert!(
+                end * 1000 >= expiry && end * 1000 < expiry + w,
+                "{expiry} -> {end}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +331,7 @@ async fn a_worker_whose_own_redis_connection_is_refused_keeps_using_the_shared_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
+async fn a_count_redis_refused_is_sent_again_once_redis_takes_it() {
     let redis = RedisServer::start();
     let (a, b, c) = three_backends().await;
     let body = config(
@@ -303,7 +348,7 @@ async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
             .query(&mut redis.conn())
             .expect("ACL SETUSER");
     };
-    let card = |set: &str| session_set_size(&redis, set);
+    let card = |set: &str| session_count(&redis, set);
     let http = client();
     let send = || async {
         let (status, id, _) =
@@ -312,8 +357,8 @@ async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
         id.expect("every answer names its backend")
     };
 
-    // Redis takes the pin (SET) but refuses its count (ZADD).
-    acl("-zadd");
+    // Redis takes the pin (SET) but refuses its count (HINCRBY).
+    acl("-hincrby");
     let first = send().await;
     assert_eq!(
         redis_get(&redis, &header_pin_key("refused")),
@@ -326,8 +371,9 @@ async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
     );
     assert_eq!(card(&first), 0);
 
-    // Once Redis takes counts again, the session's next request counts it.
-    acl("+zadd");
+    // Once Redis takes counts again, the count held back is sent (tether retries with a pause
+    // doubling to 5 s while Redis is down or refuses).
+    acl("+hincrby");
     assert_eventually!(
         Duration::from_secs(10),
         lb.metric("tether_redis_up").await == Some(1.0),
@@ -335,7 +381,7 @@ async fn a_count_redis_refused_is_made_by_the_sessions_next_request() {
     );
     assert_eq!(send().await, first, "the pin held");
     assert_eventually!(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         card(&first) == 1,
         "{first} counts {}",
         card(&first)

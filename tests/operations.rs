@@ -1156,6 +1156,29 @@ async fn metrics_expose_every_family_with_the_values_of_a_scripted_scenario() {
             lb.metric(&sample).await
         );
     }
+    // A count bucket that has ended counts nothing, and reading the counts deletes it.
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        - 10;
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("tether:counts:a")
+        .arg(ended)
+        .arg(7)
+        .query(&mut redis.conn())
+        .expect("HINCRBY");
+    let sample = "tether_backend_pinned_sessions{backend=\"a\"}";
+    assert_eq!(
+        lb.metric(sample).await,
+        Some(stored.get("a").copied().unwrap_or(0.0))
+    );
+    let kept: bool = redis::cmd("HEXISTS")
+        .arg("tether:counts:a")
+        .arg(ended)
+        .query(&mut redis.conn())
+        .expect("HEXISTS");
+    assert!(!kept, "an ended bucket was kept");
 
     // 11. Redis stalls (paused longer than the 200 ms timeout): one command times out, Redis is
     //     marked down, and a new session is placed by the rendezvous hash.

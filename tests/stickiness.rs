@@ -179,9 +179,9 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
     assert_eq!(wanted.iter().sum::<usize>(), 9);
     assert_eventually!(
         Duration::from_secs(5),
-        ["a", "b", "c"].map(|id| session_set_size(&redis, id)) == wanted,
+        ["a", "b", "c"].map(|id| session_count(&redis, id)) == wanted,
         "session sets {:?}, owners {wanted:?}",
-        ["a", "b", "c"].map(|id| session_set_size(&redis, id))
+        ["a", "b", "c"].map(|id| session_count(&redis, id))
     );
 }
 

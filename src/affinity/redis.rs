@@ -3,11 +3,15 @@
 //! Layout (prefix `tether:` by default):
 //! - `<prefix>pin:<32 hex>` = `v1:<backend id>`, expiring after the affinity TTL; the hex is the
 //!   keyed hash of the session key, never the key itself;
-//! - `<prefix>sessions:<backend id>`: sorted set of the pins on that backend (member: the 32 hex,
-//!   score: when the pin expires, Unix ms), maintained with every write and refresh so that
-//!   `ZCOUNT now +inf` counts the sessions pinned there (approximate: a pin refreshed by one
-//!   instance and expired before the next refresh by another is counted until its score passes;
-//!   a new session is counted up to [`COUNT_INTERVAL`] after its pin, batched per worker thread);
+//! - `<prefix>counts:<backend id>`: hash of the pins on that backend by when they expire: field =
+//!   the end of an expiry bucket (Unix seconds, a multiple of the bucket width, ttl/256 and at
+//!   least 1 s), value = how many pins on that backend expire in it. Every write, move, refresh
+//!   and removal moves a pin's +1 between buckets and backends, so the values of the fields still
+//!   ahead of now count the sessions pinned there. Counters commute: a worker thread sends the
+//!   +1s of its new sessions batched, one `HINCRBY` per backend and bucket every
+//!   [`COUNT_INTERVAL`], and a move Redis applies first still balances. Approximate: an expired
+//!   pin counts until its bucket ends (up to ttl/256 late), a pin removed by Redis itself
+//!   (eviction) until its bucket ends, and a count lost to a timeout is lost;
 //! - `<prefix>admin`: hash of backend id -> `drain`, `drain:<deadline unix ms>` or `disable`,
 //!   the operator states every instance applies;
 //! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment (empty id: unpinned),
@@ -116,54 +120,149 @@ pub enum Assigned {
     Existing(String),
 }
 
+/// The start of every script that moves counts: `bucket(at, w)` is the count field of a pin
+/// expiring at `at` (Unix ms) with buckets `w` seconds wide: [`bucket_end`] in Lua. `%d`, not
+/// `tostring`: Lua 5.1 would print a large number in exponent form.
+macro_rules! bucket_lua {
+    () => {
+        "local function bucket(at, w) return string.format('%d', math.ceil(at / (w * 1000)) * w) end\n"
+    };
+}
+macro_rules! counting_script {
+    ($body:literal) => {
+        concat!(bucket_lua!(), $body)
+    };
+}
+
+/// [`bucket_end`] as the scripts compute it (see `tests/failover.rs`, which holds the two equal).
+pub const BUCKET_LUA: &str = bucket_lua!();
+
 /// Compare-and-set: replace the pin only if it still holds `expected` (or nothing), publish the
-/// change, and return the pin as it now is.
-/// KEYS: pin, new backend's session set; ARGV: expected, new value, ttl ms, channel, key hex,
-/// sessions-key prefix, expiry (unix ms). Also moves the member between session sets.
-const CAS_SCRIPT: &str = r#"
+/// change, and return the pin as it now is. Moves the pin's count from the backend it left (the
+/// bucket it would have expired in) to the new one.
+/// KEYS: pin, new backend's counts; ARGV: expected, new value, ttl ms, channel, key hex,
+/// counts-key prefix, now (unix ms), bucket width (s).
+const CAS_SCRIPT: &str = counting_script!(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
+  local left = cur and redis.call('PTTL', KEYS[1]) or -2
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if cur and string.sub(cur, 1, 3) == 'v1:' then
-    redis.call('ZREM', ARGV[6] .. string.sub(cur, 4), ARGV[5])
+  if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
+    redis.call('HINCRBY', ARGV[6] .. string.sub(cur, 4), bucket(ARGV[7] + left, ARGV[8]), -1)
   end
-  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[5])
+  redis.call('HINCRBY', KEYS[2], bucket(ARGV[7] + ARGV[3], ARGV[8]), 1)
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
   return '+' .. ARGV[2]
 end
 return cur
-"#;
+"#
+);
 
-/// KEYS: pin; ARGV: channel, key hex, sessions-key prefix. Deletes the pin, its session-set
-/// member, tells every instance; returns the value it had.
-const UNPIN_SCRIPT: &str = r#"
+/// KEYS: pin; ARGV: channel, key hex, counts-key prefix, now (unix ms), bucket width (s).
+/// Deletes the pin and its count, tells every instance; returns the value it had.
+const UNPIN_SCRIPT: &str = counting_script!(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false then return false end
+local left = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
-if string.sub(cur, 1, 3) == 'v1:' then
-  redis.call('ZREM', ARGV[3] .. string.sub(cur, 4), ARGV[2])
+if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
+  redis.call('HINCRBY', ARGV[3] .. string.sub(cur, 4), bucket(ARGV[4] + left, ARGV[5]), -1)
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
 return cur
-"#;
+"#
+);
 
-/// KEYS: pin; ARGV: value, ttl ms, expiry (unix ms), key hex, sessions-key prefix. Slides the pin
-/// (or restores it if Redis lost it) and its session-set entry, on whatever backend Redis holds;
-/// returns the value Redis had (nil: restored).
-const REFRESH_SCRIPT: &str = r#"
+/// KEYS: pin; ARGV: value, ttl ms, now (unix ms), bucket width (s), counts-key prefix. Slides the
+/// pin (or restores it if Redis lost it) and moves its count to the bucket it now expires in, on
+/// whatever backend Redis holds; returns the value Redis had (nil: restored, and counted).
+const REFRESH_SCRIPT: &str = counting_script!(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 local holds = cur
+local left = -2
 if cur == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   holds = ARGV[1]
 else
+  left = redis.call('PTTL', KEYS[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 if string.sub(holds, 1, 3) == 'v1:' then
-  redis.call('ZADD', ARGV[5] .. string.sub(holds, 4), 'GT', ARGV[3], ARGV[4])
+  local k = ARGV[5] .. string.sub(holds, 4)
+  local new = bucket(ARGV[3] + ARGV[2], ARGV[4])
+  if cur == false then
+    redis.call('HINCRBY', k, new, 1)
+  elseif left > 0 then
+    local old = bucket(ARGV[3] + left, ARGV[4])
+    if old ~= new then
+      redis.call('HINCRBY', k, old, -1)
+      redis.call('HINCRBY', k, new, 1)
+    end
+  end
 end
 return cur
+"#
+);
+
+/// Record a pin a backend issued: `SET ... PX ttl` whatever was there, counted on `backend` and
+/// no longer where it was (a backend may re-issue a session it already holds: the count moves
+/// between buckets, it is not counted twice).
+/// KEYS: pin, backend's counts; ARGV: value, ttl ms, now (unix ms), bucket width (s), counts-key
+/// prefix.
+const LEARN_SCRIPT: &str = counting_script!(
+    r#"
+local cur = redis.call('GET', KEYS[1])
+local left = cur and redis.call('PTTL', KEYS[1]) or -2
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
+  redis.call('HINCRBY', ARGV[5] .. string.sub(cur, 4), bucket(ARGV[3] + left, ARGV[4]), -1)
+end
+redis.call('HINCRBY', KEYS[2], bucket(ARGV[3] + ARGV[2], ARGV[4]), 1)
+return 1
+"#
+);
+
+/// KEYS: backends' counts; ARGV: now (Unix s). Per key, the sum of the buckets still ahead of
+/// now (never below 0: a move may reach Redis before the count it balances), after deleting the
+/// buckets that ended.
+const PINNED_SCRIPT: &str = r#"
+local now = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local n = 0
+  local past = {}
+  local all = redis.call('HGETALL', k)
+  for j = 1, #all, 2 do
+    if tonumber(all[j]) <= now then
+      past[#past + 1] = all[j]
+    else
+      n = n + tonumber(all[j + 1])
+    end
+  end
+  for j = 1, #past, 1000 do
+    redis.call('HDEL', k, unpack(past, j, math.min(j + 999, #past)))
+  end
+  out[i] = math.max(n, 0)
+end
+return out
 "#;
+
+/// Into how many buckets a TTL's worth of expiries is split for counting (see the module doc).
+const COUNT_BUCKETS: u64 = 256;
+
+/// The width in seconds of the count buckets for `ttl_ms`.
+pub fn bucket_width(ttl_ms: u64) -> u64 {
+    ttl_ms.div_ceil(COUNT_BUCKETS * 1000).max(1)
+}
+
+/// The count field (end of its bucket, Unix s) of a pin expiring at `expiry_ms`; the scripts'
+/// `bucket`.
+pub fn bucket_end(expiry_ms: u64, width: u64) -> u64 {
+    expiry_ms.div_ceil(width * 1000) * width
+}
 
 /// Payload published on the pins channel when an operator state changes.
 const ADMIN_CHANGED: &[u8] = b"admin";
@@ -175,11 +274,11 @@ pub struct Refresh {
     pub backend: BackendKey,
 }
 
-/// This thread's won assignments, not yet counted in their backends' session sets (see
-/// [`RedisMap::assign`]).
+/// This thread's won assignments not yet counted in Redis (see [`RedisMap::count`]): how many
+/// per backend and bucket end (Unix s).
 #[derive(Default)]
 struct Counts {
-    pending: RefCell<Vec<(BackendKey, KeyHash)>>,
+    pending: RefCell<Vec<(BackendKey, u64, i64)>>,
     /// A task of this thread is due to send them.
     flushing: Cell<bool>,
 }
@@ -262,8 +361,8 @@ pub struct RedisMap {
     local_config: ConnectionManagerConfig,
     /// `<prefix>pin:`
     prefix: String,
-    /// `<prefix>sessions:`
-    sessions_prefix: String,
+    /// `<prefix>counts:`
+    counts_prefix: String,
     /// `<prefix>admin`
     admin_key: String,
     channel: String,
@@ -277,6 +376,8 @@ pub struct RedisMap {
     cas: redis::Script,
     unpin: redis::Script,
     refresh: redis::Script,
+    learn: redis::Script,
+    pinned: redis::Script,
     cache: Arc<PinCache>,
     interner: Arc<Interner>,
 }
@@ -294,11 +395,12 @@ pub struct StoredPin {
 const REFRESH_QUEUE: usize = 16_384;
 /// Refreshes sent to Redis in one pipeline.
 const REFRESH_BATCH: usize = 256;
-/// How long a worker thread collects the session-set counts of its assignments before it sends
-/// them (see [`RedisMap::count`]).
+/// How long a worker thread collects the counts of its assignments before it sends them (see
+/// [`RedisMap::count`]).
 const COUNT_INTERVAL: Duration = Duration::from_millis(10);
-/// Counts sent in one pipeline, at most.
-const COUNT_BATCH: usize = 4096;
+/// How often each instance deletes the count buckets that ended, whether or not anyone asks for
+/// the counts.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl RedisMap {
     /// Connect (waiting at most `timeout` x a few for a first answer), subscribe, and start the
@@ -379,7 +481,7 @@ impl RedisMap {
             client,
             local_config,
             prefix: format!("{}pin:", settings.key_prefix),
-            sessions_prefix: format!("{}sessions:", settings.key_prefix),
+            counts_prefix: format!("{}counts:", settings.key_prefix),
             admin_key: format!("{}admin", settings.key_prefix),
             channel,
             ttl_ms: AtomicU64::new(ttl.as_millis() as u64),
@@ -390,6 +492,8 @@ impl RedisMap {
             cas: redis::Script::new(CAS_SCRIPT),
             unpin: redis::Script::new(UNPIN_SCRIPT),
             refresh: redis::Script::new(REFRESH_SCRIPT),
+            learn: redis::Script::new(LEARN_SCRIPT),
+            pinned: redis::Script::new(PINNED_SCRIPT),
             cache,
             interner,
         });
@@ -405,6 +509,7 @@ impl RedisMap {
         }
         tokio::spawn(map.clone().prober());
         tokio::spawn(map.clone().refresher(refresh_rx));
+        tokio::spawn(map.clone().pruner());
         Ok(map)
     }
 
@@ -461,9 +566,9 @@ impl RedisMap {
         [self.prefix.as_str(), key.hex().as_str()].concat()
     }
 
-    /// The sorted set of the pins on backend `id`.
-    fn sessions_key(&self, id: &str) -> String {
-        [self.sessions_prefix.as_str(), id].concat()
+    /// The hash counting the pins on backend `id`.
+    fn counts_key(&self, id: &str) -> String {
+        [self.counts_prefix.as_str(), id].concat()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -537,38 +642,40 @@ impl RedisMap {
 
     /// First assignment: `SET key v1:<id> NX PX ttl GET`, one round trip: a new key almost
     /// always wins. If another instance won the race, its value comes back and the caller adopts
-    /// it. A win is counted in `backend`'s session set a little later ([`RedisMap::count`]).
+    /// it. A win is counted on `backend` a little later ([`RedisMap::count`]).
     pub async fn assign(
         self: &Arc<Self>,
         key: KeyHash,
         id: &str,
         backend: BackendKey,
     ) -> Result<Assigned, RedisError> {
+        let ttl = self.ttl_ms();
         let mut set = redis::cmd("SET");
         set.arg(self.redis_key(key))
             .arg(encode_pin(id))
             .arg("NX")
             .arg("PX")
-            .arg(self.ttl_ms())
+            .arg(ttl)
             .arg("GET");
         let old: Option<String> = self.call(&set).await?;
         Ok(match old {
             None => {
-                self.count(key, backend);
+                self.count(backend, unix_ms() + ttl, ttl);
                 Assigned::Won
             }
             Some(v) => Assigned::Existing(v),
         })
     }
 
-    /// Count `key`, just assigned or learned by this thread, in `backend`'s session set. A `ZADD` per
-    /// assignment cost Redis as much CPU as the `SET` itself (bench s2), so this thread's counts
-    /// are sent every [`COUNT_INTERVAL`], one `ZADD` per backend with all its keys, on this
-    /// thread's connection. Lost if tether stops within that interval; if Redis does not take
-    /// them, the session's next request after Redis is back refreshes the pin, which counts it.
-    fn count(self: &Arc<Self>, key: KeyHash, backend: BackendKey) {
+    /// Count a pin this thread just assigned on `backend`, expiring at `expiry_ms`. A `ZADD` per
+    /// assignment once cost Redis as much CPU as the `SET` itself, and a batched `ZADD` with a
+    /// member per session still cost tether and Redis ~20% of bench s2's rate: the counts are
+    /// only numbers now, added up per backend and bucket on this thread and sent every
+    /// [`COUNT_INTERVAL`], one `HINCRBY` each. Lost if tether stops within that interval.
+    fn count(self: &Arc<Self>, backend: BackendKey, expiry_ms: u64, ttl_ms: u64) {
+        let bucket = bucket_end(expiry_ms, bucket_width(ttl_ms));
         let counts = self.counts.get_or_default();
-        counts.pending.borrow_mut().push((backend, key));
+        add_count(&mut counts.pending.borrow_mut(), backend, bucket, 1);
         if !counts.flushing.replace(true) {
             // Proxy workers run current-thread runtimes (server.rs: no work stealing): the task
             // stays on this thread and sends this thread's counts.
@@ -577,61 +684,62 @@ impl RedisMap {
     }
 
     /// Task of one worker thread: every [`COUNT_INTERVAL`], while it has counts pending, send
-    /// them.
+    /// them. Counts Redis did not take (down, or it refused them) are kept and sent again, the
+    /// pause doubling up to 5 s; after a timeout they may have been applied, and are dropped.
     async fn send_counts(self: Arc<Self>) {
+        let mut pause = COUNT_INTERVAL;
         loop {
-            tokio::time::sleep(COUNT_INTERVAL).await;
+            tokio::time::sleep(pause).await;
+            let now_s = unix_ms() / 1000;
             // Not held across an await: `Counts` is this thread's, not `Sync`.
             let mut batch = {
                 let counts = self.counts.get_or_default();
-                let batch = counts.pending.take();
+                let mut batch = counts.pending.take();
+                // Buckets that ended count nothing any more.
+                batch.retain(|&(_, bucket, n)| bucket > now_s && n != 0);
                 if batch.is_empty() {
                     counts.flushing.set(false);
                     return;
                 }
                 batch
             };
-            let now = now_ms();
-            // A key moved since (a connect failure reassigns within the same request, another
-            // instance's move reaches the cache by the pins channel) was counted where it went.
-            batch.retain(|&(b, key)| self.cache.get(key, now).is_none_or(|p| p.backend == b));
-            batch.sort_unstable_by_key(|&(b, _)| b.0);
-            for chunk in batch.chunks(COUNT_BATCH) {
-                let expiry = unix_ms() + self.ttl_ms();
-                let mut pipe = redis::pipe();
-                for same in chunk.chunk_by(|x, y| x.0 == y.0) {
-                    let zadd = pipe
-                        .cmd("ZADD")
-                        .arg(self.sessions_key(&self.interner.name(same[0].0)))
-                        .arg("GT");
-                    for (_, key) in same {
-                        zadd.arg(expiry).arg(key.hex().as_str());
+            let mut pipe = redis::pipe();
+            for &(backend, bucket, n) in &batch {
+                pipe.cmd("HINCRBY")
+                    .arg(self.counts_key(&self.interner.name(backend)))
+                    .arg(bucket)
+                    .arg(n)
+                    .ignore();
+            }
+            // On failure `call` marked Redis down.
+            match self.call::<()>(&pipe).await {
+                Ok(()) => pause = COUNT_INTERVAL,
+                Err(e) if e.is_ambiguous() => pause = COUNT_INTERVAL,
+                Err(_) => {
+                    let counts = self.counts.get_or_default();
+                    let mut pending = counts.pending.borrow_mut();
+                    for (backend, bucket, n) in batch.drain(..) {
+                        add_count(&mut pending, backend, bucket, n);
                     }
-                    zadd.ignore();
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                // On failure `call` marked Redis down; once it is back, the next request of
-                // every pin cached before then refreshes it (`State::resolve`), which counts it.
-                let _: Result<(), RedisError> = self.call(&pipe).await;
             }
         }
     }
 
-    /// Record a pin the backend itself created (its Set-Cookie): plain `SET ... PX ttl`, the
-    /// backend that issued a session id is its authority. Counted in `backend`'s session set as
-    /// an assignment is ([`RedisMap::count`]).
-    pub async fn learn(
-        self: &Arc<Self>,
-        key: KeyHash,
-        id: &str,
-        backend: BackendKey,
-    ) -> Result<(), RedisError> {
-        let mut set = redis::cmd("SET");
-        set.arg(self.redis_key(key))
+    /// Record a pin the backend itself created (its Set-Cookie): it is set whatever was there,
+    /// the backend that issued a session id is its authority ([`LEARN_SCRIPT`], which also moves
+    /// its count).
+    pub async fn learn(&self, key: KeyHash, id: &str) -> Result<(), RedisError> {
+        let ttl = self.ttl_ms();
+        let mut inv = self.learn.key(self.redis_key(key));
+        inv.key(self.counts_key(id))
             .arg(encode_pin(id))
-            .arg("PX")
-            .arg(self.ttl_ms());
-        let () = self.call(&set).await?;
-        self.count(key, backend);
+            .arg(ttl)
+            .arg(unix_ms())
+            .arg(bucket_width(ttl))
+            .arg(&self.counts_prefix);
+        let _: i64 = self.call(&inv).await?;
         Ok(())
     }
 
@@ -645,14 +753,15 @@ impl RedisMap {
     ) -> Result<(bool, String), RedisError> {
         let ttl = self.ttl_ms();
         let mut inv = self.cas.key(self.redis_key(key));
-        inv.key(self.sessions_key(id))
+        inv.key(self.counts_key(id))
             .arg(expected.unwrap_or(""))
             .arg(encode_pin(id))
             .arg(ttl)
             .arg(&self.channel)
             .arg(key.hex().as_str())
-            .arg(&self.sessions_prefix)
-            .arg(unix_ms() + ttl);
+            .arg(&self.counts_prefix)
+            .arg(unix_ms())
+            .arg(bucket_width(ttl));
         let v: String = self.call(&inv).await?;
         Ok(match v.strip_prefix('+') {
             Some(ours) => (true, ours.to_string()),
@@ -669,30 +778,45 @@ impl RedisMap {
         Ok(value.map(|value| StoredPin { value, ttl_ms }))
     }
 
-    /// Remove the pin of `key` everywhere (Redis, its session set, every instance's cache).
+    /// Remove the pin of `key` everywhere (Redis, its count, every instance's cache).
     /// Returns the value it had, if any.
     pub async fn unpin(&self, key: KeyHash) -> Result<Option<String>, RedisError> {
         let mut inv = self.unpin.key(self.redis_key(key));
         inv.arg(&self.channel)
             .arg(key.hex().as_str())
-            .arg(&self.sessions_prefix);
+            .arg(&self.counts_prefix)
+            .arg(unix_ms())
+            .arg(bucket_width(self.ttl_ms()));
         self.admin_call(&inv).await
     }
 
-    /// Sessions pinned to each of `ids` (pruning expired members first).
+    /// Sessions pinned to each of `ids` (deleting the buckets that ended first).
     pub async fn pinned_counts(&self, ids: &[Arc<str>]) -> Result<Vec<u64>, RedisError> {
-        let now = unix_ms();
-        let mut pipe = redis::pipe();
-        for id in ids {
-            let k = self.sessions_key(id);
-            pipe.cmd("ZREMRANGEBYSCORE")
-                .arg(&k)
-                .arg("-inf")
-                .arg(now)
-                .ignore();
-            pipe.cmd("ZCOUNT").arg(&k).arg(now).arg("+inf");
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        self.admin_call(&pipe).await
+        let mut inv = self.pinned.prepare_invoke();
+        for id in ids {
+            inv.key(self.counts_key(id));
+        }
+        inv.arg(unix_ms() / 1000);
+        self.admin_call(&inv).await
+    }
+
+    /// Background task: every [`PRUNE_INTERVAL`], delete the count buckets that ended of every
+    /// backend this process knows, so that the hashes stay ~256 fields even where nobody reads
+    /// the counts.
+    async fn pruner(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PRUNE_INTERVAL).await;
+            if !self.is_up() {
+                continue;
+            }
+            let ids = self.interner.names();
+            if let Err(e) = self.pinned_counts(&ids).await {
+                debug!(error = %e, "pruning the session counts failed; trying again later");
+            }
+        }
     }
 
     /// The operator states stored in Redis: backend id -> raw state.
@@ -750,7 +874,7 @@ impl RedisMap {
     }
 
     /// Background task: send queued refreshes in pipelined batches of [`REFRESH_SCRIPT`]: slide
-    /// the pin's TTL (or restore it if Redis lost it, e.g. after a restart) and its session-set
+    /// the pin's TTL (or restore it if Redis lost it, e.g. after a restart) and its count
     /// entry; the cache then takes what Redis holds.
     async fn refresher(self: Arc<Self>, mut rx: mpsc::Receiver<Refresh>) {
         let mut batch = Vec::with_capacity(REFRESH_BATCH);
@@ -791,7 +915,8 @@ impl RedisMap {
         jobs: &[(Refresh, Arc<str>)],
     ) -> Result<Vec<Option<String>>, RedisError> {
         let ttl = self.ttl_ms();
-        let expiry = unix_ms() + ttl;
+        let now = unix_ms();
+        let width = bucket_width(ttl);
         let mut pipe = redis::pipe();
         for (r, id) in jobs {
             pipe.cmd("EVALSHA")
@@ -800,9 +925,9 @@ impl RedisMap {
                 .arg(self.redis_key(r.key))
                 .arg(encode_pin(id))
                 .arg(ttl)
-                .arg(expiry)
-                .arg(r.key.hex().as_str())
-                .arg(&self.sessions_prefix);
+                .arg(now)
+                .arg(width)
+                .arg(&self.counts_prefix);
         }
         let mut conn = self.conn.clone();
         let timeout = self.timeout * 4;
@@ -956,6 +1081,17 @@ impl Query for redis::Pipeline {
         conn: &mut ConnectionManager,
     ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
         self.query_async(conn)
+    }
+}
+
+/// Add `n` to the pending count of `backend`'s `bucket`.
+fn add_count(pending: &mut Vec<(BackendKey, u64, i64)>, backend: BackendKey, bucket: u64, n: i64) {
+    match pending
+        .iter_mut()
+        .find(|(b, end, _)| *b == backend && *end == bucket)
+    {
+        Some(entry) => entry.2 += n,
+        None => pending.push((backend, bucket, n)),
     }
 }
 

@@ -86,7 +86,7 @@ stats = subprocess.run(["redis-cli", "-s", sys.argv[12], "info", "commandstats"]
                        capture_output=True, text=True).stdout
 per_call = [f"{m[1].upper()} {float(m[3]):.2f} us x {int(m[2]):,}"
             for m in re.finditer(r"cmdstat_(\w+):calls=(\d+),usec=\d+,usec_per_call=([\d.]+)", stats)
-            if m[1] in ("set", "zadd", "evalsha", "get")]
+            if m[1] in ("set", "zadd", "hincrby", "evalsha", "get")]
 print(f"  Redis commands/request {cmds / max(1, reqs):.3f}, commands per socket read"
       f" {cmds / max(1, reads):.2f}, per write {cmds / max(1, writes):.2f};"
       f" tether RSS {rss / 1024:.1f} MiB")

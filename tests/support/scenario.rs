@@ -69,12 +69,24 @@ pub fn header_pin_key(value: &str) -> String {
     format!("tether:pin:{}", key_hash(&src, value))
 }
 
-/// How many keys backend `id`'s session set counts (`ZCARD tether:sessions:<id>`).
-pub fn session_set_size(redis: &RedisServer, id: &str) -> usize {
-    redis::cmd("ZCARD")
-        .arg(format!("tether:sessions:{id}"))
+/// How many sessions Redis counts on backend `id`: the buckets of `tether:counts:<id>` that
+/// have not ended, never below 0 (as tether's admin API adds them up).
+pub fn session_count(redis: &RedisServer, id: &str) -> usize {
+    let key = format!("tether:counts:{id}");
+    let fields: Vec<(u64, i64)> = redis::cmd("HGETALL")
+        .arg(&key)
         .query(&mut redis.conn())
-        .unwrap_or_else(|e| panic!("ZCARD tether:sessions:{id}: {e}"))
+        .unwrap_or_else(|e| panic!("HGETALL {key}: {e}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    fields
+        .iter()
+        .filter(|(end, _)| *end > now)
+        .map(|(_, n)| n)
+        .sum::<i64>()
+        .max(0) as usize
 }
 
 /// The stored value of a Redis key, if any.
