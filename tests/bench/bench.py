@@ -12,7 +12,8 @@ gets one worker thread or process. Then, targets interleaved (A B C D E) for --r
   s3  WebSocket echo, 1,000 connections, 32-byte messages, closed loop: messages/s, p99
   s4  10,000 idle WebSockets held through the proxy: proxy RSS, bytes per connection
   s5  Socket.IO broadcast fan-out through tether to 1,000 clients on three rideshare instances
-      (the `drivers` room): emit-to-receipt p50/p99, messages lost
+      (the `drivers` room): emit-to-receipt p50/p99, messages lost; as its direct line, the
+      same clients on one rideshare instance without a proxy
 
 and prints medians (min-max) with each proxy's ratio to direct, and writes them as markdown.
 CPU per request is the proxy's user+system time (all its threads and processes) over the
@@ -430,12 +431,15 @@ def main():
                     record("s4", rnd, name, out)
 
         if "s5" in scenarios:
-            sio_port = start_rideshare_stack(procs, work, bindir, redis_sock)
+            sio_port, rs_ports = start_rideshare_stack(procs, work, bindir, redis_sock)
+            # direct: the same clients on one rideshare instance, no proxy: what the load tool
+            # and rideshare take on this machine by themselves.
             for rnd in range(a.rounds):
-                out = run_json([tool, "sio-fanout", "--target", f"127.0.0.1:{sio_port}",
-                                "--clients", "1000", "--emits", str(10 * a.secs), "--rate", "10",
-                                "--prefix", f"r{rnd}-{os.getpid()}"])
-                record("s5", rnd, "tether", out)
+                for name, port in (("direct", rs_ports[0]), ("tether", sio_port)):
+                    out = run_json([tool, "sio-fanout", "--target", f"127.0.0.1:{port}",
+                                    "--clients", "1000", "--emits", str(10 * a.secs), "--rate", "10",
+                                    "--prefix", f"r{rnd}-{name}-{os.getpid()}"])
+                    record("s5", rnd, name, out)
 
         report = render(results, order, raw["machine"], a)
         print(report)
@@ -468,7 +472,7 @@ def start_rideshare_stack(procs, work, bindir, redis_sock):
     start_tether(procs, work, bindir, "tether-sio", port,
                  [(f"rs{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(ports)],
                  ["cookie:rs.sid", "query:sid"], redis_sock)
-    return port
+    return port, ports
 
 
 def run_json(cmd):
@@ -571,11 +575,20 @@ def render(results, order, mach, a):
         if scn in results:
             out += table(title, results[scn], order, cols, direct_label)
     if "s5" in results:
-        runs = results["s5"]["tether"]
         out += ["## 5. Socket.IO fan-out through tether, 1,000 clients on three rideshare instances", "",
-                "| emits | p50 ms | p99 ms | max ms | lost of expected |", "|---|---|---|---|---|",
-                f"| {runs[0]['emits']} x {len(runs)} | {cell(runs, 'p50_ms', 2)} | {cell(runs, 'p99_ms', 2)} | "
-                f"{cell(runs, 'max_ms', 1)} | {sum(x['lost'] for x in runs)} of {sum(x['expected'] for x in runs)} |", ""]
+                "`direct`: the same 1,000 clients and driver on one rideshare instance, no proxy (the "
+                "load tool's and rideshare's own share of the latency on this machine).", "",
+                "| target | emits | p50 ms | p99 ms | max ms | lost of expected |",
+                "|---|---|---|---|---|---|"]
+        labels = {"direct": "direct (one rideshare instance)", "tether": "tether (three instances)"}
+        for name in ("direct", "tether"):
+            runs = results["s5"].get(name)
+            if not runs:
+                continue
+            out.append(f"| {labels[name]} | {runs[0]['emits']} x {len(runs)} | {cell(runs, 'p50_ms', 2)} | "
+                       f"{cell(runs, 'p99_ms', 2)} | {cell(runs, 'max_ms', 1)} | "
+                       f"{sum(x['lost'] for x in runs)} of {sum(x['expected'] for x in runs)} |")
+        out.append("")
     return "\n".join(out)
 
 
