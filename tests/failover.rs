@@ -215,6 +215,19 @@ async fn a_new_session_moved_off_a_dead_backend_is_counted_only_where_it_went() 
         !fields.is_empty() && fields.iter().all(|(_, n)| *n == 0),
         "dead's buckets {fields:?}"
     );
+    // Both hashes expire a TTL and two buckets after their last change (the batch's `PEXPIRE`
+    // for a, the compare-and-set's for dead), so a backend removed for good leaves nothing.
+    let hold = tether::affinity::redis::count_hold_ms(86_400_000) as i64;
+    for id in ["a", "dead"] {
+        let left: i64 = redis::cmd("PTTL")
+            .arg(format!("tether:counts:{id}"))
+            .query(&mut redis.conn())
+            .expect("PTTL");
+        assert!(
+            left > hold - 60_000 && left <= hold,
+            "{id}'s counts live {left} ms more"
+        );
+    }
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //!   +1s of its new sessions batched, one `HINCRBY` per backend and bucket every
 //!   [`COUNT_INTERVAL`], and a move Redis applies first still balances. Approximate: an expired
 //!   pin counts until its bucket ends (up to ttl/256 late), a pin removed by Redis itself
-//!   (eviction) until its bucket ends, and a count lost to a timeout is lost;
+//!   (eviction) until its bucket ends, and a count lost to a timeout is lost. Every change gives
+//!   the hash a TTL and two buckets more to live ([`count_hold_ms`]): a backend no configuration
+//!   names any more leaves nothing behind;
 //! - `<prefix>admin`: hash of backend id -> `drain`, `drain:<deadline unix ms>` or `disable`,
 //!   the operator states every instance applies;
 //! - channel `<prefix>pins`: `<32 hex> <backend id>` for every reassignment (empty id: unpinned),
@@ -128,9 +130,18 @@ macro_rules! bucket_lua {
         "local function bucket(at, w) return string.format('%d', math.ceil(at / (w * 1000)) * w) end\n"
     };
 }
+/// `count(k, at, n, ttl, w)`: add `n` to the bucket of `at` in counts hash `k`, which then lives
+/// [`count_hold_ms`] longer (a hash nothing touched for that long counts only ended buckets).
 macro_rules! counting_script {
     ($body:literal) => {
-        concat!(bucket_lua!(), $body)
+        concat!(
+            bucket_lua!(),
+            "local function count(k, at, n, ttl, w)\n",
+            "  redis.call('HINCRBY', k, bucket(at, w), n)\n",
+            "  redis.call('PEXPIRE', k, ttl + 2000 * w)\n",
+            "end\n",
+            $body
+        )
     };
 }
 
@@ -149,9 +160,9 @@ if cur == false or cur == ARGV[1] then
   local left = cur and redis.call('PTTL', KEYS[1]) or -2
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
-    redis.call('HINCRBY', ARGV[6] .. string.sub(cur, 4), bucket(ARGV[7] + left, ARGV[8]), -1)
+    count(ARGV[6] .. string.sub(cur, 4), ARGV[7] + left, -1, ARGV[3], ARGV[8])
   end
-  redis.call('HINCRBY', KEYS[2], bucket(ARGV[7] + ARGV[3], ARGV[8]), 1)
+  count(KEYS[2], ARGV[7] + ARGV[3], 1, ARGV[3], ARGV[8])
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
   return '+' .. ARGV[2]
 end
@@ -159,8 +170,8 @@ return cur
 "#
 );
 
-/// KEYS: pin; ARGV: channel, key hex, counts-key prefix, now (unix ms), bucket width (s).
-/// Deletes the pin and its count, tells every instance; returns the value it had.
+/// KEYS: pin; ARGV: channel, key hex, counts-key prefix, now (unix ms), bucket width (s), ttl
+/// ms. Deletes the pin and its count, tells every instance; returns the value it had.
 const UNPIN_SCRIPT: &str = counting_script!(
     r#"
 local cur = redis.call('GET', KEYS[1])
@@ -168,7 +179,7 @@ if cur == false then return false end
 local left = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
 if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
-  redis.call('HINCRBY', ARGV[3] .. string.sub(cur, 4), bucket(ARGV[4] + left, ARGV[5]), -1)
+  count(ARGV[3] .. string.sub(cur, 4), ARGV[4] + left, -1, ARGV[6], ARGV[5])
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ')
 return cur
@@ -192,15 +203,11 @@ else
 end
 if string.sub(holds, 1, 3) == 'v1:' then
   local k = ARGV[5] .. string.sub(holds, 4)
-  local new = bucket(ARGV[3] + ARGV[2], ARGV[4])
   if cur == false then
-    redis.call('HINCRBY', k, new, 1)
-  elseif left > 0 then
-    local old = bucket(ARGV[3] + left, ARGV[4])
-    if old ~= new then
-      redis.call('HINCRBY', k, old, -1)
-      redis.call('HINCRBY', k, new, 1)
-    end
+    count(k, ARGV[3] + ARGV[2], 1, ARGV[2], ARGV[4])
+  elseif left > 0 and bucket(ARGV[3] + left, ARGV[4]) ~= bucket(ARGV[3] + ARGV[2], ARGV[4]) then
+    count(k, ARGV[3] + left, -1, ARGV[2], ARGV[4])
+    count(k, ARGV[3] + ARGV[2], 1, ARGV[2], ARGV[4])
   end
 end
 return cur
@@ -218,9 +225,9 @@ local cur = redis.call('GET', KEYS[1])
 local left = cur and redis.call('PTTL', KEYS[1]) or -2
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
-  redis.call('HINCRBY', ARGV[5] .. string.sub(cur, 4), bucket(ARGV[3] + left, ARGV[4]), -1)
+  count(ARGV[5] .. string.sub(cur, 4), ARGV[3] + left, -1, ARGV[2], ARGV[4])
 end
-redis.call('HINCRBY', KEYS[2], bucket(ARGV[3] + ARGV[2], ARGV[4]), 1)
+count(KEYS[2], ARGV[3] + ARGV[2], 1, ARGV[2], ARGV[4])
 return 1
 "#
 );
@@ -256,6 +263,13 @@ const COUNT_BUCKETS: u64 = 256;
 /// The width in seconds of the count buckets for `ttl_ms`.
 pub fn bucket_width(ttl_ms: u64) -> u64 {
     ttl_ms.div_ceil(COUNT_BUCKETS * 1000).max(1)
+}
+
+/// How long a counts hash lives after its last change: a TTL and two buckets, by when every pin
+/// it counted has expired and its bucket ended (so a backend gone from every configuration leaves
+/// nothing behind). The scripts' `count`.
+pub fn count_hold_ms(ttl_ms: u64) -> u64 {
+    ttl_ms + 2000 * bucket_width(ttl_ms)
 }
 
 /// The count field (end of its bucket, Unix s) of a pin expiring at `expiry_ms`; the scripts'
@@ -703,13 +717,12 @@ impl RedisMap {
                 }
                 batch
             };
+            let hold = count_hold_ms(self.ttl_ms());
             let mut pipe = redis::pipe();
             for &(backend, bucket, n) in &batch {
-                pipe.cmd("HINCRBY")
-                    .arg(self.counts_key(&self.interner.name(backend)))
-                    .arg(bucket)
-                    .arg(n)
-                    .ignore();
+                let key = self.counts_key(&self.interner.name(backend));
+                pipe.cmd("HINCRBY").arg(&key).arg(bucket).arg(n).ignore();
+                pipe.cmd("PEXPIRE").arg(&key).arg(hold).ignore();
             }
             // On failure `call` marked Redis down.
             match self.call::<()>(&pipe).await {
@@ -786,7 +799,8 @@ impl RedisMap {
             .arg(key.hex().as_str())
             .arg(&self.counts_prefix)
             .arg(unix_ms())
-            .arg(bucket_width(self.ttl_ms()));
+            .arg(bucket_width(self.ttl_ms()))
+            .arg(self.ttl_ms());
         self.admin_call(&inv).await
     }
 
