@@ -183,6 +183,38 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
         "session sets {:?}, owners {wanted:?}",
         ["a", "b", "c"].map(|id| session_count(&redis, id))
     );
+
+    // Session 0 issued again by each backend in turn (round-robin, no cookie sent), its first
+    // owner among them: the pin follows the last issuer, and its count moves with it, never
+    // counted twice.
+    let sid = "s%3Asession0";
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (status, by, _) = get_backend(
+            &http,
+            &lb.url(&format!("/set-cookie?name=connect.sid&value={sid}")),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200);
+        last = by.expect("every answer names its backend");
+    }
+    let key = format!(
+        "tether:pin:{}",
+        key_hash(
+            &tether::config::KeySource::Cookie("connect.sid".into()),
+            sid
+        )
+    );
+    assert_eq!(redis_get(&redis, &key), Some(format!("v1:{last}")));
+    let mut wanted = ["a", "b", "c"].map(|id| owners[1..].iter().filter(|o| *o == id).count());
+    wanted[["a", "b", "c"].iter().position(|id| *id == last).unwrap()] += 1;
+    assert_eventually!(
+        Duration::from_secs(5),
+        ["a", "b", "c"].map(|id| session_count(&redis, id)) == wanted,
+        "counts {:?}, wanted {wanted:?} (session 0 last issued by {last})",
+        ["a", "b", "c"].map(|id| session_count(&redis, id))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,14 +132,26 @@ macro_rules! bucket_lua {
 }
 /// `count(k, at, n, ttl, w)`: add `n` to the bucket of `at` in counts hash `k`, which then lives
 /// [`count_hold_ms`] longer (a hash nothing touched for that long counts only ended buckets).
+/// `repin(k, cur, v, ttl, now, w, prefix, to)`: set pin `k`, which holds `cur`, to `v` for `ttl`
+/// ms, and move its count from the backend `cur` names to counts hash `to`.
 macro_rules! counting_script {
     ($body:literal) => {
         concat!(
             bucket_lua!(),
-            "local function count(k, at, n, ttl, w)\n",
-            "  redis.call('HINCRBY', k, bucket(at, w), n)\n",
-            "  redis.call('PEXPIRE', k, ttl + 2000 * w)\n",
-            "end\n",
+            r#"
+local function count(k, at, n, ttl, w)
+  redis.call('HINCRBY', k, bucket(at, w), n)
+  redis.call('PEXPIRE', k, ttl + 2000 * w)
+end
+local function repin(k, cur, v, ttl, now, w, prefix, to)
+  local left = cur and redis.call('PTTL', k) or -2
+  redis.call('SET', k, v, 'PX', ttl)
+  if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
+    count(prefix .. string.sub(cur, 4), now + left, -1, ttl, w)
+  end
+  count(to, now + ttl, 1, ttl, w)
+end
+"#,
             $body
         )
     };
@@ -157,12 +169,7 @@ const CAS_SCRIPT: &str = counting_script!(
     r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
-  local left = cur and redis.call('PTTL', KEYS[1]) or -2
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
-    count(ARGV[6] .. string.sub(cur, 4), ARGV[7] + left, -1, ARGV[3], ARGV[8])
-  end
-  count(KEYS[2], ARGV[7] + ARGV[3], 1, ARGV[3], ARGV[8])
+  repin(KEYS[1], cur, ARGV[2], ARGV[3], ARGV[7], ARGV[8], ARGV[6], KEYS[2])
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. string.sub(ARGV[2], 4))
   return '+' .. ARGV[2]
 end
@@ -221,13 +228,7 @@ return cur
 /// prefix.
 const LEARN_SCRIPT: &str = counting_script!(
     r#"
-local cur = redis.call('GET', KEYS[1])
-local left = cur and redis.call('PTTL', KEYS[1]) or -2
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if left > 0 and string.sub(cur, 1, 3) == 'v1:' then
-  count(ARGV[5] .. string.sub(cur, 4), ARGV[3] + left, -1, ARGV[2], ARGV[4])
-end
-count(KEYS[2], ARGV[3] + ARGV[2], 1, ARGV[2], ARGV[4])
+repin(KEYS[1], redis.call('GET', KEYS[1]), ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[2])
 return 1
 "#
 );
