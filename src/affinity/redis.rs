@@ -727,9 +727,7 @@ impl RedisMap {
             }
             // On failure `call` marked Redis down.
             match self.call::<()>(&pipe).await {
-                Ok(()) => pause = COUNT_INTERVAL,
-                Err(e) if e.is_ambiguous() => pause = COUNT_INTERVAL,
-                Err(_) => {
+                Err(e) if !e.is_ambiguous() => {
                     let counts = self.counts.get_or_default();
                     let mut pending = counts.pending.borrow_mut();
                     for (backend, bucket, n) in batch.drain(..) {
@@ -737,6 +735,8 @@ impl RedisMap {
                     }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
+                // Taken, or perhaps taken (a timeout): sending it again could count it twice.
+                _ => pause = COUNT_INTERVAL,
             }
         }
     }
