@@ -131,6 +131,23 @@ async fn weighted_and_least_connections_spread_new_sessions() {
     }
 }
 
+/// A backend of `lb` issues session `sid` (`GET /set-cookie`, no cookie sent, so the policy picks
+/// it): (status, the backend that answered, headers).
+async fn issue_session(
+    http: &reqwest::Client,
+    lb: &Balancer,
+    sid: &str,
+) -> (u16, Option<String>, http::HeaderMap) {
+    let url = lb.url(&format!("/set-cookie?name=connect.sid&value={sid}"));
+    get_backend(http, &url, &[]).await
+}
+
+/// The pin Redis holds for the `connect.sid` session `sid`.
+fn connect_sid_pin(redis: &RedisServer, sid: &str) -> Option<String> {
+    let source = tether::config::KeySource::Cookie("connect.sid".into());
+    redis_get(redis, &format!("tether:pin:{}", key_hash(&source, sid)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_session_cookie_is_learned_from_set_cookie() {
     let redis = RedisServer::start();
@@ -147,12 +164,7 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
     for n in 0..9 {
         // The login response sets the session cookie: whoever answered now owns the session.
         let sid = format!("s%3Asession{n}");
-        let (status, owner, headers) = get_backend(
-            &http,
-            &lb.url(&format!("/set-cookie?name=connect.sid&value={sid}")),
-            &[],
-        )
-        .await;
+        let (status, owner, headers) = issue_session(&http, &lb, &sid).await;
         assert_eq!(status, 200);
         assert!(headers.get("set-cookie").is_some());
         let owner = owner.unwrap();
@@ -162,14 +174,7 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
             let (_, id, _) = get_backend(&http, &lb.url("/"), &[("cookie", &cookie)]).await;
             assert_eq!(id.as_deref(), Some(owner.as_str()), "session {n}");
         }
-        let key = format!(
-            "tether:pin:{}",
-            key_hash(
-                &tether::config::KeySource::Cookie("connect.sid".into()),
-                &sid
-            )
-        );
-        assert_eq!(redis_get(&redis, &key), Some(format!("v1:{owner}")));
+        assert_eq!(connect_sid_pin(&redis, &sid), Some(format!("v1:{owner}")));
         owners.push(owner);
     }
     let m = lb.metrics().await;
@@ -190,23 +195,11 @@ async fn the_app_session_cookie_is_learned_from_set_cookie() {
     let sid = "s%3Asession0";
     let mut last = String::new();
     for _ in 0..3 {
-        let (status, by, _) = get_backend(
-            &http,
-            &lb.url(&format!("/set-cookie?name=connect.sid&value={sid}")),
-            &[],
-        )
-        .await;
+        let (status, by, _) = issue_session(&http, &lb, sid).await;
         assert_eq!(status, 200);
         last = by.expect("every answer names its backend");
     }
-    let key = format!(
-        "tether:pin:{}",
-        key_hash(
-            &tether::config::KeySource::Cookie("connect.sid".into()),
-            sid
-        )
-    );
-    assert_eq!(redis_get(&redis, &key), Some(format!("v1:{last}")));
+    assert_eq!(connect_sid_pin(&redis, sid), Some(format!("v1:{last}")));
     let mut wanted = ["a", "b", "c"].map(|id| owners[1..].iter().filter(|o| *o == id).count());
     wanted[["a", "b", "c"].iter().position(|id| *id == last).unwrap()] += 1;
     assert_eventually!(
