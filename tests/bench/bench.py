@@ -5,7 +5,8 @@ Starts, on ports it picks: a Redis of its own (unix socket), three static backen
 (tether-bench backends), and in front of them tether (sticky on the `sid` cookie, Redis),
 tether with affinity off (`sources = []`, no Redis: tether without stickiness), HAProxy (stick-table
 on the `sid` cookie), NGINX (`hash $cookie_sid consistent`), plus the direct backend. Every proxy
-gets one worker thread or process. Then, targets interleaved (A B C D E) for --rounds rounds:
+gets one worker thread or process. Then, targets interleaved (A B C D E) for --rounds rounds
+(s1 and s2 alternating round by round):
 
   s1  keep-alive GETs, 1,000 distinct session cookies already pinned (wrk -t1 -c64)
   s2  every request a new session (the first-assignment path), same figures + Redis commands
@@ -15,7 +16,8 @@ gets one worker thread or process. Then, targets interleaved (A B C D E) for --r
       (the `drivers` room): emit-to-receipt p50/p99, messages lost; as its direct line, the
       same clients on one rideshare instance without a proxy
 
-and prints medians (min-max) with each proxy's ratio to direct, and writes them as markdown.
+and prints medians (min-max) with each proxy's ratio to direct, and writes them as markdown,
+ending with issue 6's targets judged on the medians, and the same comparison per round.
 CPU per request is the proxy's user+system time (all its threads and processes) over the
 requests wrk counted. Redis commands per request are Redis' total_commands_processed over the
 same window (minus the reads of that counter).
@@ -380,30 +382,34 @@ def main():
 
         def record(scn, rnd, name, out):
             say(f"{scn} round {rnd + 1} {name}: {fmt_run(out)}")
-            results.setdefault(scn, {}).setdefault(name, []).append(out)
+            results.setdefault(scn, {}).setdefault(name, []).append({"round": rnd, **out})
             raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **out})
 
-        def http_runs(scn, script, argsf):
-            for rnd in range(a.rounds):
-                for name in order:
-                    port, pids = targets[name]
-                    # Warm-up (also pins s1's sessions): not measured.
-                    wrk(port, script, 2, argsf(name, rnd, "warm"))
-                    c0 = cpu_secs(pids) if pids else None
-                    r0 = redis.commands_processed() if name == "tether" else None
-                    r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
-                    if pids:
-                        r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
-                    if r0 is not None:
-                        # The first INFO is counted by the second: subtract it.
-                        r1 = redis.commands_processed()
-                        r["redis_cmds_per_req"] = max(0, r1 - r0 - 1) / max(1, r["requests"])
-                    record(scn, rnd, name, r)
+        def http_round(scn, rnd, script, argsf):
+            for name in order:
+                port, pids = targets[name]
+                # Warm-up (also pins s1's sessions): not measured.
+                wrk(port, script, 2, argsf(name, rnd, "warm"))
+                c0 = cpu_secs(pids) if pids else None
+                r0 = redis.commands_processed() if name == "tether" else None
+                r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
+                if pids:
+                    r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
+                if r0 is not None:
+                    # The first INFO is counted by the second: subtract it.
+                    r1 = redis.commands_processed()
+                    r["redis_cmds_per_req"] = max(0, r1 - r0 - 1) / max(1, r["requests"])
+                record(scn, rnd, name, r)
 
-        if "s1" in scenarios:
-            http_runs("s1", HERE / "sessions.lua", lambda n, r, w: ["1000"])
-        if "s2" in scenarios:
-            http_runs("s2", HERE / "new_sessions.lua", lambda n, r, w: [f"{n}-{r}-{w}-{os.getpid()}"])
+        # s1 and s2 alternate round by round, so that the s2/s1 ratio of each round compares runs
+        # minutes apart rather than a whole scenario apart: on a shared 2-core machine one
+        # binary's rate drifts 20% over ten minutes.
+        for rnd in range(a.rounds):
+            if "s1" in scenarios:
+                http_round("s1", rnd, HERE / "sessions.lua", lambda n, r, w: ["1000"])
+            if "s2" in scenarios:
+                http_round("s2", rnd, HERE / "new_sessions.lua",
+                           lambda n, r, w: [f"{n}-{r}-{w}-{os.getpid()}"])
 
         if "s3" in scenarios:
             for rnd in range(a.rounds):
@@ -589,7 +595,62 @@ def render(results, order, mach, a):
                        f"{cell(runs, 'p99_ms', 2)} | {cell(runs, 'max_ms', 1)} | "
                        f"{sum(x['lost'] for x in runs)} of {sum(x['expected'] for x in runs)} |")
         out.append("")
+    out += targets_table(results)
     return "\n".join(out)
+
+
+def per_round(results, scn, name, key):
+    """`key` of `name`'s runs in `scn`, by round."""
+    return {r["round"]: r[key] for r in results.get(scn, {}).get(name, []) if key in r}
+
+
+def targets_table(results):
+    """Issue 6's targets, each judged on this run's medians (a row only where its targets ran),
+    with the same comparison per round: the spread says how much one run can be trusted."""
+    rows = []
+
+    def check(what, wanted, scn, key, other, factor, fmt, lower_is_better=False):
+        mine = med(results.get(scn, {}).get("tether", []), key)
+        theirs = med(results.get(other[0], {}).get(other[1], []), key) if other else None
+        if mine is None or (other and theirs is None):
+            return
+        bound = theirs[0] * factor if other else factor
+        held = mine[0] <= bound if lower_is_better else mine[0] >= bound
+        if other and not lower_is_better:
+            got = f"{fmt(mine[0])} / {fmt(theirs[0])} = {mine[0] / theirs[0]:.2f}x"
+        elif other:
+            got = f"{fmt(mine[0])} against {fmt(theirs[0])}"
+        else:
+            got = fmt(mine[0])
+        a = per_round(results, scn, "tether", key)
+        if not other:
+            rounds = ", ".join(fmt(a[r]) for r in sorted(a))
+        else:
+            b = per_round(results, other[0], other[1], key)
+            both = sorted(set(a) & set(b))
+            if not lower_is_better:
+                rounds = ", ".join(f"{a[r] / b[r]:.2f}x" for r in both)
+            else:
+                rounds = ", ".join(f"{a[r]:.2f}/{b[r]:.2f}" for r in both)
+        rows.append(f"| {what} | {wanted} | {got} | {rounds} | {'yes' if held else 'no'} |")
+
+    rps = lambda v: f"{v:,.0f}"
+    ms = lambda v: f"{v:.2f} ms"
+    check("s1 req/s", ">= HAProxy", "s1", "rps", ("s1", "haproxy"), 1.0, rps)
+    check("s1 req/s", ">= 0.9x affinity off", "s1", "rps", ("s1", "tether-noaff"), 0.9, rps)
+    check("s1 p99", "<= NGINX", "s1", "p99_ms", ("s1", "nginx"), 1.0, ms, lower_is_better=True)
+    check("s1 Redis commands per request", "< 0.01", "s1", "redis_cmds_per_req", None, 0.01,
+          lambda v: f"{v:.6f}", lower_is_better=True)
+    check("s2 req/s", ">= 0.7x s1", "s2", "rps", ("s1", "tether"), 0.7, rps)
+    check("s3 msgs/s", ">= HAProxy", "s3", "msgs_per_sec", ("s3", "haproxy"), 1.0, rps)
+    check("s4 bytes per idle WebSocket", "< 20 KiB", "s4", "bytes_per_conn", None, 20 * 1024 - 1,
+          lambda v: f"{v:,.0f} B", lower_is_better=True)
+    check("s5 p99", "< 50 ms", "s5", "p99_ms", None, 50.0, ms, lower_is_better=True)
+    if not rows:
+        return []
+    return (["## Targets (issue 6), on this run's medians", "",
+             "| figure | wanted | tether, median | per round | held |", "|---|---|---|---|---|"]
+            + rows + [""])
 
 
 if __name__ == "__main__":
