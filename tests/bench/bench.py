@@ -610,6 +610,8 @@ def targets_table(results):
     rows = []
 
     def check(what, wanted, scn, key, other, factor, fmt, op=">="):
+        """tether's median of `key` in `scn` `op` `factor` x the median of `other` (scenario,
+        target), or `op` `factor` itself when there is no other."""
         mine = med(results.get(scn, {}).get("tether", []), key)
         theirs = med(results.get(other[0], {}).get(other[1], []), key) if other else None
         if mine is None or (other and theirs is None):
