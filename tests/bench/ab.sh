@@ -2,9 +2,10 @@
 # One tether alone under wrk, for A/B comparisons of two builds: starts a Redis (on a unix
 # socket, as bench.py does), the three static backends and tether (stack.sh: threads = 1,
 # cookie:sid, least-connections), warms up for 2 s, runs wrk for --secs and prints req/s, p99,
-# and the CPU each process spent per
-# request (tether, Redis, the backends, wrk, from /proc and time(1)), how busy the machine was,
-# Redis' commands per request, per socket read and its time per call, and tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
+# the CPU each process spent per request (tether, with its kernel share, Redis, the backends,
+# wrk, from /proc and time(1)), each process's context switches per request, how busy the
+# machine was, Redis' commands per request, per socket read and its time per call, and
+# tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
 # machine one run moves 10%, and the CPU per request moves less than req/s.
 #
 #   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [SCRIPT]
@@ -46,6 +47,9 @@ wait_port "$pt"
 url="http://127.0.0.1:$pt/"
 wrk -t1 -c"$conns" -d2s -s "$script" "$url" -- "warm-$$" > /dev/null
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+sys_cpu() { awk '{print $15}' "/proc/$1/stat"; }
+# Context switches of every thread of a process (voluntary: it slept; the rest: preempted).
+ctx() { cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt/{v+=$2} /^nonvoluntary_ctxt/{n+=$2} END{print v + n}'; }
 # Commands, socket reads and writes Redis has processed (its INFO stats): reads per command
 # say how well tether batches its commands.
 commands() {
@@ -56,19 +60,22 @@ commands() {
 # The machine's CPU time (/proc/stat's cpu line: user nice system idle iowait irq softirq ...).
 machine() { awk '/^cpu /{print $2 + $3 + $4, $5 + $6, $7 + $8}' /proc/stat; }
 t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); read -r c0 rd0 wr0 < <(commands)
+ts0=$(sys_cpu "$tpid"); x0="$(ctx "$tpid") $(ctx "$rpid") $(ctx "$bpid")"
 read -r m_busy0 m_idle0 m_irq0 < <(machine)
-/usr/bin/time -o "$work/wrk.time" -f "%U %S" \
+/usr/bin/time -o "$work/wrk.time" -f "%w %c %U %S" \
   wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$" > "$work/wrk.out"
 t1=$(cpu "$tpid"); r1=$(cpu "$rpid"); b1=$(cpu "$bpid"); read -r c1 rd1 wr1 < <(commands)
+ts1=$(sys_cpu "$tpid"); x1="$(ctx "$tpid") $(ctx "$rpid") $(ctx "$bpid")"
 read -r m_busy1 m_idle1 m_irq1 < <(machine)
 rss=$(awk '/^VmRSS/{print $2}' "/proc/$tpid/status")
 python3 - "$work/wrk.out" "$work/wrk.time" "$(getconf CLK_TCK)" \
   "$((t1 - t0))" "$((r1 - r0))" "$((b1 - b0))" "$((c1 - c0 - 1))" "$rss" "$(basename "$script")" \
   "$((rd1 - rd0 - 1))" "$((wr1 - wr0 - 1))" "$redis_sock" \
-  "$((m_busy1 - m_busy0))" "$((m_idle1 - m_idle0))" "$((m_irq1 - m_irq0))" <<'PY'
+  "$((m_busy1 - m_busy0))" "$((m_idle1 - m_idle0))" "$((m_irq1 - m_irq0))" "$((ts1 - ts0))" \
+  "$x0" "$x1" <<'PY'
 import re, subprocess, sys
 out = open(sys.argv[1]).read()
-wrk_user, wrk_sys = map(float, open(sys.argv[2]).read().split()[-2:])
+wrk_vol, wrk_inv, wrk_user, wrk_sys = map(float, open(sys.argv[2]).read().split()[-4:])
 hz = int(sys.argv[3])
 tether, redis, backends, cmds, rss = (int(x) for x in sys.argv[4:9])
 reqs = int(re.search(r"(\d+) requests in", out).group(1))
@@ -78,8 +85,13 @@ bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 us = lambda ticks: ticks * 1e6 / hz / max(1, reqs)
 print(f"{sys.argv[9]}: {rps:,.0f} req/s, p99 {p99}, {reqs:,} requests"
       f"{', %s non-2xx' % bad.group(1) if bad else ''}")
-print(f"  CPU us/request: tether {us(tether):.2f}, redis {us(redis):.2f}, backends {us(backends):.2f},"
+print(f"  CPU us/request: tether {us(tether):.2f} ({us(int(sys.argv[16])):.2f} in the kernel),"
+      f" redis {us(redis):.2f}, backends {us(backends):.2f},"
       f" wrk {(wrk_user + wrk_sys) * 1e6 / max(1, reqs):.2f}")
+# How often each process slept or was preempted: fewer requests per wake-up cost every process.
+sw = [b - a for a, b in zip(map(int, sys.argv[17].split()), map(int, sys.argv[18].split()))]
+print(f"  context switches/request: tether {sw[0] / max(1, reqs):.3f}, redis {sw[1] / max(1, reqs):.3f},"
+      f" backends {sw[2] / max(1, reqs):.3f}, wrk {(wrk_vol + wrk_inv) / max(1, reqs):.3f}")
 reads, writes = int(sys.argv[10]), int(sys.argv[11])
 # Redis' own time per call of each command (INFO commandstats; warm-up included).
 stats = subprocess.run(["redis-cli", "-s", sys.argv[12], "info", "commandstats"],
