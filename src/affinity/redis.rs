@@ -1106,7 +1106,6 @@ impl Query for redis::Pipeline {
     }
 }
 
-/// Add `n` to the pending count of `backend`'s `bucket`.
 /// One command argument made of several parts, written into the command's buffer without a
 /// string of its own.
 struct Joined<'a, const N: usize>([&'a [u8]; N]);
@@ -1131,6 +1130,7 @@ impl<const N: usize> redis::ToRedisArgs for Joined<'_, N> {
     }
 }
 
+/// Add `n` to the pending count of `backend`'s `bucket`.
 fn add_count(pending: &mut Vec<(BackendKey, u64, i64)>, backend: BackendKey, bucket: u64, n: i64) {
     match pending
         .iter_mut()
