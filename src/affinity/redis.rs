@@ -45,8 +45,8 @@ use thread_local::ThreadLocal;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
-use super::KeyHash;
 use super::cache::PinCache;
+use super::{Hex, KeyHash};
 use crate::backend::{BackendKey, Interner, now_ms, unix_ms};
 use crate::config::{RedisSettings, redact_url};
 use crate::metrics::Metrics;
@@ -576,9 +576,12 @@ impl RedisMap {
         self.liveness.mark_down(error);
     }
 
-    /// The Redis key of a pin.
-    pub fn redis_key(&self, key: KeyHash) -> String {
-        [self.prefix.as_str(), key.hex().as_str()].concat()
+    /// The Redis key of a pin, as a command argument.
+    pub fn redis_key(&self, key: KeyHash) -> PinKey<'_> {
+        PinKey {
+            prefix: &self.prefix,
+            hex: key.hex(),
+        }
     }
 
     /// The hash counting the pins on backend `id`.
@@ -668,12 +671,11 @@ impl RedisMap {
         // Every new session builds this command: sized once, the key and the value written
         // straight into it (argument by argument from empty, its two vectors grew five times,
         // and the key and the value were strings of their own).
-        let hex = key.hex();
-        let key_arg = Joined([self.prefix.as_bytes(), hex.as_str().as_bytes()]);
-        let pin = Joined([PIN_VERSION.as_bytes(), id.as_bytes()]);
-        let mut set = redis::Cmd::with_capacity(7, 32 + key_arg.len() + pin.len());
+        let key = self.redis_key(key);
+        let pin = PinValue(id);
+        let mut set = redis::Cmd::with_capacity(7, 32 + key.len() + pin.len());
         set.arg("SET")
-            .arg(key_arg)
+            .arg(key)
             .arg(pin)
             .arg("NX")
             .arg("PX")
@@ -755,7 +757,7 @@ impl RedisMap {
         let ttl = self.ttl_ms();
         let mut inv = self.learn.key(self.redis_key(key));
         inv.key(self.counts_key(id))
-            .arg(encode_pin(id))
+            .arg(PinValue(id))
             .arg(ttl)
             .arg(unix_ms())
             .arg(bucket_width(ttl))
@@ -776,7 +778,7 @@ impl RedisMap {
         let mut inv = self.cas.key(self.redis_key(key));
         inv.key(self.counts_key(id))
             .arg(expected.unwrap_or(""))
-            .arg(encode_pin(id))
+            .arg(PinValue(id))
             .arg(ttl)
             .arg(&self.channel)
             .arg(key.hex().as_str())
@@ -945,7 +947,7 @@ impl RedisMap {
                 .arg(self.refresh.get_hash())
                 .arg(1)
                 .arg(self.redis_key(r.key))
-                .arg(encode_pin(id))
+                .arg(PinValue(id))
                 .arg(ttl)
                 .arg(now)
                 .arg(width)
@@ -1106,27 +1108,53 @@ impl Query for redis::Pipeline {
     }
 }
 
-/// One command argument made of several parts, written into the command's buffer without a
-/// string of its own.
-struct Joined<'a, const N: usize>([&'a [u8]; N]);
+/// A pin's Redis key (`<prefix><32 hex digits>`), written into a command as one argument
+/// without a string of its own.
+pub struct PinKey<'a> {
+    prefix: &'a str,
+    hex: Hex,
+}
 
-impl<const N: usize> Joined<'_, N> {
+impl PinKey<'_> {
     fn len(&self) -> usize {
-        self.0.iter().map(|p| p.len()).sum()
+        self.prefix.len() + self.hex.as_str().len()
     }
 }
 
-impl<const N: usize> redis::ToRedisArgs for Joined<'_, N> {
+impl redis::ToRedisArgs for PinKey<'_> {
     fn write_redis_args<W>(&self, out: &mut W)
     where
         W: ?Sized + redis::RedisWrite,
     {
-        use std::io::Write;
-        let mut arg = out.writer_for_next_arg();
-        for part in self.0 {
-            arg.write_all(part)
-                .expect("a command buffer takes every byte");
-        }
+        write_parts(out, &[self.prefix.as_bytes(), self.hex.as_str().as_bytes()]);
+    }
+}
+
+/// The stored value of a pin to backend `id` ([`encode_pin`]'s), as a command argument.
+struct PinValue<'a>(&'a str);
+
+impl PinValue<'_> {
+    fn len(&self) -> usize {
+        PIN_VERSION.len() + self.0.len()
+    }
+}
+
+impl redis::ToRedisArgs for PinValue<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        write_parts(out, &[PIN_VERSION.as_bytes(), self.0.as_bytes()]);
+    }
+}
+
+/// Write `parts` as one argument, straight into the command's buffer.
+fn write_parts<W: ?Sized + redis::RedisWrite>(out: &mut W, parts: &[&[u8]]) {
+    use std::io::Write;
+    let mut arg = out.writer_for_next_arg();
+    for part in parts {
+        arg.write_all(part)
+            .expect("a command buffer takes every byte");
     }
 }
 
@@ -1176,17 +1204,22 @@ mod tests {
     }
 
     #[test]
-    fn a_joined_argument_is_one_argument_of_its_parts() {
-        let mut joined = redis::cmd("SET");
-        joined
-            .arg(Joined([b"tether:pin:".as_slice(), b"00ff"]))
-            .arg(Joined([PIN_VERSION.as_bytes(), b"b1"]))
-            .arg(Joined([b"".as_slice(), b""]))
-            .arg(7u64);
+    fn pin_keys_and_values_are_one_argument_each_of_their_parts() {
+        let key = PinKey {
+            prefix: "tether:pin:",
+            hex: KeyHash(0xff).hex(),
+        };
+        let hex = KeyHash(0xff).hex();
+        let mut parts = redis::cmd("SET");
+        parts.arg(&key).arg(PinValue("b1")).arg(7u64);
         let mut plain = redis::cmd("SET");
-        plain.arg("tether:pin:00ff").arg("v1:b1").arg("").arg(7u64);
-        assert_eq!(joined.get_packed_command(), plain.get_packed_command());
-        assert_eq!(Joined([b"tether:pin:".as_slice(), b"00ff"]).len(), 15);
+        plain
+            .arg(["tether:pin:", hex.as_str()].concat())
+            .arg(encode_pin("b1"))
+            .arg(7u64);
+        assert_eq!(parts.get_packed_command(), plain.get_packed_command());
+        assert_eq!(key.len(), "tether:pin:".len() + 32);
+        assert_eq!(PinValue("b1").len(), encode_pin("b1").len());
     }
 
     #[test]
