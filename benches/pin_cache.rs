@@ -79,7 +79,8 @@ fn main() {
         hits as f64 * 100.0 / lookups as f64
     );
     println!(
-        "  RSS: {before} KiB before, {built} KiB built, {filled} KiB filled ({:.0} bytes per entry held)",
-        (filled.saturating_sub(built)) as f64 * 1024.0 / entries.min(capacity as u64) as f64
+        "  RSS: {before} KiB before, {built} KiB built, {filled} KiB filled ({:.1} bytes per slot of {})",
+        (filled.saturating_sub(before)) as f64 * 1024.0 / cache.slots() as f64,
+        cache.slots()
     );
 }

@@ -24,6 +24,11 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// Backend ids one process can intern over its life: what a pin cache slot holds
+/// ([`crate::affinity::cache::BACKEND_KEYS`]). A configuration with more backends is rejected,
+/// and so is a reload that would take the process past it (restart it to start counting again).
+pub const MAX_BACKEND_IDS: usize = crate::affinity::cache::BACKEND_KEYS as usize;
+
 /// A backend id interned for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BackendKey(pub u32);
@@ -52,6 +57,11 @@ impl Interner {
         if let Some(k) = inner.by_name.get(id) {
             return *k;
         }
+        // Config validation and reload keep the count within the bound.
+        assert!(
+            inner.names.len() < MAX_BACKEND_IDS,
+            "more than {MAX_BACKEND_IDS} backend ids interned"
+        );
         let key = BackendKey(inner.names.len() as u32);
         let name: Arc<str> = Arc::from(id);
         inner.names.push(name.clone());
@@ -70,6 +80,23 @@ impl Interner {
     pub fn name(&self, key: BackendKey) -> Arc<str> {
         let inner = self.inner.read().expect("interner lock is never poisoned");
         inner.names[key.0 as usize].clone()
+    }
+
+    /// How many ids are interned.
+    pub fn count(&self) -> usize {
+        self.inner
+            .read()
+            .expect("interner lock is never poisoned")
+            .names
+            .len()
+    }
+
+    /// How many of `ids` are not interned yet.
+    pub fn new_ids<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> usize {
+        let inner = self.inner.read().expect("interner lock is never poisoned");
+        ids.into_iter()
+            .filter(|id| !inner.by_name.contains_key(*id))
+            .count()
     }
 
     /// Every id interned so far.
@@ -411,6 +438,18 @@ pub fn mix64(mut z: u64) -> u64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_interner_counts_ids_it_has_not_seen() {
+        let interner = Interner::default();
+        interner.intern("a");
+        interner.intern("b");
+        interner.intern("a");
+        assert_eq!(interner.count(), 2);
+        assert_eq!(interner.new_ids(["a", "c", "d", "b"]), 2);
+        // Every id a pin cache slot can hold is one the interner may hand out.
+        assert!(MAX_BACKEND_IDS as u64 <= crate::affinity::cache::BACKEND_KEYS);
+    }
 
     fn settings(ids: &[&str]) -> Vec<BackendSettings> {
         ids.iter()

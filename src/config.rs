@@ -1425,6 +1425,14 @@ fn validate_backends(
             return None;
         }
     };
+    if list.len() > crate::backend::MAX_BACKEND_IDS {
+        d.top(format!(
+            "{} backends: tether holds at most {}",
+            list.len(),
+            crate::backend::MAX_BACKEND_IDS
+        ));
+        return None;
+    }
     let mut out: Vec<BackendSettings> = Vec::new();
     let mut ok = true;
     for b in list {

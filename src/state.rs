@@ -21,8 +21,10 @@ use tracing::{error, info, warn};
 use crate::affinity::cache::{Pin, PinCache};
 use crate::affinity::redis::{RedisError, RedisMap};
 use crate::affinity::{Extractor, KeyHash, KeyHasher};
-use crate::backend::{AdminState, Backend, BackendKey, BackendSet, Interner, now_ms};
-use crate::config::{Config, ConfigError, KeySource, Policy};
+use crate::backend::{
+    AdminState, Backend, BackendKey, BackendSet, Interner, MAX_BACKEND_IDS, now_ms,
+};
+use crate::config::{Config, ConfigError, Diagnostic, KeySource, Policy};
 use crate::metrics::Metrics;
 
 /// The reloadable part: one consistent configuration and the backends built from it.
@@ -182,6 +184,26 @@ impl State {
                 return Err(e);
             }
         };
+        let new_ids = self
+            .interner
+            .new_ids(config.backends.iter().map(|b| b.id.as_str()));
+        if self.interner.count() + new_ids > MAX_BACKEND_IDS {
+            let e = ConfigError {
+                path: self.config_path.clone(),
+                diagnostics: vec![Diagnostic {
+                    position: None,
+                    message: format!(
+                        "{new_ids} new backend ids would take this process past the \
+                         {MAX_BACKEND_IDS} it can hold ({} so far, every id any of its \
+                         configurations named): restart tether to load them",
+                        self.interner.count()
+                    ),
+                }],
+            };
+            m.reloads.with_label_values(&["failed"]).inc();
+            error!("reload refused, the running configuration is kept:\n{e}");
+            return Err(e);
+        }
         let old = self.live.load_full();
         let report = diff(&old.config, &config);
         let ttl = config.affinity.ttl;
@@ -384,7 +406,11 @@ impl State {
             tokio::time::sleep(every).await;
             let now = now_ms();
             for (key, backend) in self.tunnels.keys() {
-                let stale = Pin::new(key, backend, 0, true);
+                let stale = Pin {
+                    backend,
+                    refreshed_ms: 0,
+                    synced: true,
+                };
                 self.refresh(key, &stale, now);
             }
         }
