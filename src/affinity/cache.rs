@@ -252,10 +252,9 @@ impl PinCache {
     pub fn remove(&self, key: KeyHash) {
         let place = self.place(key);
         self.write(place, |set| {
+            // A fingerprint of 0 is an empty slot: `find` skips it and `victim` takes it first.
             if let Some((slot, _)) = find(set, place) {
                 set.fingerprints[slot].store(0, Ordering::Relaxed);
-                set.slots[slot][0].store(0, Ordering::Relaxed);
-                set.slots[slot][1].store(0, Ordering::Relaxed);
                 set.marks.fetch_and(!(1 << slot), Ordering::Relaxed);
             }
         });
