@@ -82,21 +82,14 @@ impl Interner {
         inner.names[key.0 as usize].clone()
     }
 
-    /// How many ids are interned.
-    pub fn count(&self) -> usize {
-        self.inner
-            .read()
-            .expect("interner lock is never poisoned")
-            .names
-            .len()
-    }
-
-    /// How many of `ids` are not interned yet.
-    pub fn new_ids<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> usize {
+    /// How many ids the interner would hold with `ids` interned too.
+    pub fn count_with<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> usize {
         let inner = self.inner.read().expect("interner lock is never poisoned");
-        ids.into_iter()
+        let new = ids
+            .into_iter()
             .filter(|id| !inner.by_name.contains_key(*id))
-            .count()
+            .count();
+        inner.names.len() + new
     }
 
     /// Every id interned so far.
@@ -445,8 +438,8 @@ pub(crate) mod tests {
         interner.intern("a");
         interner.intern("b");
         interner.intern("a");
-        assert_eq!(interner.count(), 2);
-        assert_eq!(interner.new_ids(["a", "c", "d", "b"]), 2);
+        assert_eq!(interner.count_with([]), 2);
+        assert_eq!(interner.count_with(["a", "c", "d", "b"]), 4);
     }
 
     fn settings(ids: &[&str]) -> Vec<BackendSettings> {

@@ -184,19 +184,18 @@ impl State {
                 return Err(e);
             }
         };
-        let new_ids = self
+        let ids = self
             .interner
-            .new_ids(config.backends.iter().map(|b| b.id.as_str()));
-        if self.interner.count() + new_ids > MAX_BACKEND_IDS {
+            .count_with(config.backends.iter().map(|b| b.id.as_str()));
+        if ids > MAX_BACKEND_IDS {
             let e = ConfigError {
                 path: self.config_path.clone(),
                 diagnostics: vec![Diagnostic {
                     position: None,
                     message: format!(
-                        "{new_ids} new backend ids would take this process past the \
-                         {MAX_BACKEND_IDS} it can hold ({} so far, every id any of its \
-                         configurations named): restart tether to load them",
-                        self.interner.count()
+                        "this configuration would take the backend ids this process has \
+                         interned (every id any of its configurations named) to {ids}, past \
+                         the {MAX_BACKEND_IDS} it can hold: restart tether to load it"
                     ),
                 }],
             };

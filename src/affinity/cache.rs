@@ -37,7 +37,6 @@ use crate::backend::BackendKey;
 /// and its clock hand. More ways keep a set from losing sessions in use when more of them than
 /// average hash to it.
 pub const WAYS: usize = 27;
-const ALL_MARKED: u32 = (1 << WAYS) - 1;
 
 /// Lock-free reads of a set before a reader takes the writers' lock instead.
 const READ_TRIES: usize = 8;
@@ -302,37 +301,29 @@ fn find(set: &Set, place: Place) -> Option<(usize, u64)> {
 }
 
 /// The slot a new key takes (the caller holds the set): an empty one, else the clock's: the
-/// first unmarked slot from the hand, the marks it passes cleared (every mark, when all are set:
-/// then the slot at the hand goes); the hand moves past it.
+/// first unmarked slot from the hand, the marks it passes cleared (when every slot is marked,
+/// the hand goes round once, clearing them all, and takes the slot it started at); the hand
+/// moves past it.
 fn victim(set: &Set) -> usize {
     if let Some(empty) = (0..WAYS).find(|&i| set.fingerprints[i].load(Ordering::Relaxed) == 0) {
         return empty;
     }
     let start = usize::from(set.hand.load(Ordering::Relaxed)) % WAYS;
     let marks = set.marks.load(Ordering::Relaxed);
-    let victim = if marks & ALL_MARKED == ALL_MARKED {
-        set.marks.store(0, Ordering::Relaxed);
-        start
-    } else {
-        unmarked_from(set, start, marks)
-    };
-    set.hand
-        .store(((victim + 1) % WAYS) as u16, Ordering::Relaxed);
-    victim
-}
-
-/// The first unmarked slot from `start`, clearing the marks of the slots passed on the way.
-fn unmarked_from(set: &Set, start: usize, marks: u32) -> usize {
+    let mut passed = 0u32;
     let victim = (0..WAYS)
         .map(|n| (start + n) % WAYS)
-        .find(|&i| marks & (1 << i) == 0)
-        .expect("some slot is unmarked");
-    // The marked slots passed on the way (from start, wrapping, up to the victim) lose their mark.
-    let passed = (0..WAYS)
-        .map(|n| (start + n) % WAYS)
-        .take_while(|&i| i != victim)
-        .fold(0u32, |m, i| m | (1 << i));
+        .find(|&i| {
+            let unmarked = marks & (1 << i) == 0;
+            if !unmarked {
+                passed |= 1 << i;
+            }
+            unmarked
+        })
+        .unwrap_or(start);
     set.marks.fetch_and(!passed, Ordering::Relaxed);
+    set.hand
+        .store(((victim + 1) % WAYS) as u16, Ordering::Relaxed);
     victim
 }
 
