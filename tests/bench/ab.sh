@@ -8,7 +8,7 @@
 # tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
 # machine one run moves 10%, and the CPU per request moves less than req/s.
 #
-#   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [SCRIPT]
+#   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [--sources '["cookie:sid"]'] [SCRIPT]
 #
 # SCRIPT is a wrk script of this directory's (default new_sessions.lua, s2; sessions.lua is s1).
 # DIR holds `tether` and `tether-bench` (default $CARGO_TARGET_DIR/release; run.sh builds them).
@@ -19,12 +19,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tether-target}"
 bin="$CARGO_TARGET_DIR/release"
 secs=6
 conns=64
+# Affinity key sources, as instructions.sh takes them: `[]` is tether with affinity off.
+sources='["cookie:sid"]'
 script="$here/new_sessions.lua"
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
     --secs) secs="$2"; shift 2 ;;
     --conns) conns="$2"; shift 2 ;;
+    --sources) sources="$2"; shift 2 ;;
     -*) echo "unknown argument $1" >&2; exit 2 ;;
     *) script="$1"; shift ;;
   esac
@@ -39,7 +42,7 @@ done
 
 work=$(mktemp -d /tmp/tether-ab-XXXXXX)
 . "$here/stack.sh"
-start_stack '["cookie:sid"]'
+start_stack "$sources"
 RUST_LOG=warn "$bin/tether" run -c "$work/tether.toml" > "$work/tether.log" 2>&1 &
 tpid=$!; pids+=("$tpid")
 wait_port "$pt"
