@@ -5,8 +5,8 @@ Starts, on ports it picks: a Redis of its own (unix socket), three static backen
 (tether-bench backends), and in front of them tether (sticky on the `sid` cookie, Redis),
 tether with affinity off (`sources = []`, no Redis: tether without stickiness), HAProxy (stick-table
 on the `sid` cookie), NGINX (`hash $cookie_sid consistent`), plus the direct backend. Every proxy
-gets one worker thread or process. Then, targets interleaved (A B C D E) for --rounds rounds
-(s1 and s2 alternating round by round):
+gets one worker thread or process. Then, targets interleaved (A B C D E, the next round B C D E A)
+for --rounds rounds (s1 and s2 alternating round by round):
 
   s1  keep-alive GETs, 1,000 distinct session cookies already pinned (wrk -t1 -c64)
   s2  every request a new session (the first-assignment path), same figures + Redis commands
@@ -123,6 +123,22 @@ def children(pid):
             if int(fields[1]) == pid:
                 out.append(int(d))
     return out
+
+
+def machine_ticks():
+    """The machine's CPU time so far (/proc/stat's `cpu` line, in ticks): (all, stolen by the
+    host, idle). Stolen time is what the hypervisor ran on our cores instead of us: a run the host
+    took 10% from is slower for reasons none of the targets share with the others."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    return sum(f[:8]), f[7] if len(f) > 7 else 0, f[3] + f[4]
+
+
+def host_share(t0):
+    """Percent of the machine's CPU time since `t0` (machine_ticks()) stolen by the host."""
+    t1 = machine_ticks()
+    total = t1[0] - t0[0]
+    return 100.0 * (t1[1] - t0[1]) / total if total > 0 else 0.0
 
 
 def cpu_secs(pids):
@@ -294,7 +310,7 @@ def wrk(port, script, secs, args=(), conns=64):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="directory with tether, rideshare, tether-bench")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=10, help="seconds per measured run")
     ap.add_argument("--only", default="s1,s2,s3,s4,s5")
     ap.add_argument("--targets", default="direct,tether,tether-noaff,haproxy,nginx",
@@ -386,13 +402,15 @@ def main():
             raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **out})
 
         def http_round(scn, rnd, script, argsf):
-            for name in order:
+            for name in rotated(order, rnd):
                 port, pids = targets[name]
                 # Warm-up (also pins s1's sessions): not measured.
                 wrk(port, script, 2, argsf(name, rnd, "warm"))
                 c0 = cpu_secs(pids) if pids else None
                 r0 = redis.commands_processed() if name == "tether" else None
+                t0 = machine_ticks()
                 r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
+                r["steal_pct"] = host_share(t0)
                 if pids:
                     r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
                 if r0 is not None:
@@ -413,11 +431,13 @@ def main():
 
         if "s3" in scenarios:
             for rnd in range(a.rounds):
-                for name in order:
+                for name in rotated(order, rnd):
                     port, pids = targets[name]
                     c0 = cpu_secs(pids) if pids else None
+                    t0 = machine_ticks()
                     out = run_json(pinned("load", [tool, "ws-echo", "--target", f"127.0.0.1:{port}",
                                     "--conns", "1000", "--secs", str(a.secs)]))
+                    out["steal_pct"] = host_share(t0)
                     if pids:
                         out["cpu_us_per_msg"] = (cpu_secs(pids) - c0) * 1e6 / max(1, out["messages"])
                     record("s3", rnd, name, out)
@@ -426,7 +446,7 @@ def main():
             # A fresh process per run: a process that served the other scenarios (or an earlier
             # round) reuses memory it already holds, and its growth says little.
             for rnd in range(a.rounds):
-                for name in order:
+                for name in rotated(order, rnd):
                     port, pids, fresh = start_target(name, f"-s4-{rnd}")
                     out = run_json(pinned("load", [tool, "ws-idle", "--target", f"127.0.0.1:{port}",
                                                    "--conns", str(a.idle_conns),
@@ -441,10 +461,12 @@ def main():
             # direct: the same clients on one rideshare instance, no proxy: what the load tool
             # and rideshare take on this machine by themselves.
             for rnd in range(a.rounds):
-                for name, port in (("direct", rs_ports[0]), ("tether", sio_port)):
+                for name, port in rotated((("direct", rs_ports[0]), ("tether", sio_port)), rnd):
+                    t0 = machine_ticks()
                     out = run_json([tool, "sio-fanout", "--target", f"127.0.0.1:{port}",
                                     "--clients", "1000", "--emits", str(10 * a.secs), "--rate", "10",
                                     "--prefix", f"r{rnd}-{name}-{os.getpid()}"])
+                    out["steal_pct"] = host_share(t0)
                     record("s5", rnd, name, out)
 
         report = render(results, order, raw["machine"], a)
@@ -490,6 +512,15 @@ def run_json(cmd):
 
 def fmt_run(r):
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
+
+
+def rotated(order, rnd):
+    """`order` started `rnd` places later: each round measures the targets in a different order,
+    so no target always runs first after the warm-up, or right after `direct` (the heaviest run),
+    or last in a round."""
+    order = list(order)
+    k = rnd % len(order) if order else 0
+    return order[k:] + order[:k]
 
 
 def machine():
@@ -562,16 +593,21 @@ def render(results, order, mach, a):
            + ("The proxy under test runs alone on CPU 1; wrk, the load tool, the backends and Redis "
               "share CPU 0 (so `direct` is wrk and a backend on one core). " if PIN["proxy"] is not None
               else "Processes not pinned to cores. ")
-           + "`tests/bench/run.sh` reproduces it.", ""]
+           + "Each round measures the targets in a different order (rotated by one). `host steal %`: "
+           "the share of the machine's CPU time the hypervisor took while that target ran "
+           "(/proc/stat); a round it took much from is slower for a reason the other targets did "
+           "not share. `tests/bench/run.sh` reproduces it.", ""]
     http_cols = [("req/s", "rps", 0), ("x direct", "rps", None), ("p50 ms", "p50_ms", 2),
                  ("p99 ms", "p99_ms", 2), ("proxy CPU us/req", "cpu_us_per_req", 1),
-                 ("Redis cmds/req", "redis_cmds_per_req", 3), ("errors", "errors", "sum")]
+                 ("Redis cmds/req", "redis_cmds_per_req", 3), ("host steal %", "steal_pct", 1),
+                 ("errors", "errors", "sum")]
     for scn, title, cols, direct_label in [
         ("s1", "1. keep-alive GETs, 1,000 pinned sessions", http_cols, "direct"),
         ("s2", "2. every request a new session", http_cols, "direct"),
         ("s3", "3. WebSocket echo, 1,000 connections, 32-byte messages",
          [("msgs/s", "msgs_per_sec", 0), ("x direct", "msgs_per_sec", None), ("p50 ms", "p50_ms", 2),
-          ("p99 ms", "p99_ms", 2), ("proxy CPU us/msg", "cpu_us_per_msg", 1), ("errors", "errors", "sum")],
+          ("p99 ms", "p99_ms", 2), ("proxy CPU us/msg", "cpu_us_per_msg", 1),
+          ("host steal %", "steal_pct", 1), ("errors", "errors", "sum")],
          "direct"),
         ("s4", f"4. {a.idle_conns:,} idle WebSockets",
          [("RSS before MiB", "before_mib", 1), ("RSS held MiB", "held_mib", 1),
@@ -635,7 +671,9 @@ def targets_table(results):
                 rounds = ", ".join(f"{a[r] / b[r]:.2f}x" for r in both)
             else:
                 rounds = ", ".join(f"{a[r]:.2f}/{b[r]:.2f}" for r in both)
-        rows.append(f"| {what} | {wanted} | {got} | {rounds} | {'yes' if held else 'no'} |")
+        steal = per_round(results, scn, "tether", "steal_pct")
+        steal = ", ".join(f"{steal[r]:.1f}" for r in sorted(steal)) or "-"
+        rows.append(f"| {what} | {wanted} | {got} | {rounds} | {steal} | {'yes' if held else 'no'} |")
 
     rps = lambda v: f"{v:,.0f}"
     ms = lambda v: f"{v:.2f} ms"
@@ -652,7 +690,8 @@ def targets_table(results):
     if not rows:
         return []
     return (["## Targets (issue 6), on this run's medians", "",
-             "| figure | wanted | tether, median | per round | held |", "|---|---|---|---|---|"]
+             "| figure | wanted | tether, median | per round | host steal % in tether's runs | held |",
+             "|---|---|---|---|---|---|"]
             + rows + [""])
 
 
