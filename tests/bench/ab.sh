@@ -8,8 +8,11 @@
 # tether's RSS at the end. Run the two builds in turns, a few times each: on a shared 2-core
 # machine one run moves 10%, and the CPU per request moves less than req/s.
 #
-#   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [--sources '["cookie:sid"]'] [SCRIPT]
+#   tests/bench/ab.sh [--bin DIR] [--secs 6] [--conns 64] [--sources '["cookie:sid"]'] [--runs 1] [SCRIPT]
 #
+# --runs N measures N times back to back on the same stack, each run's figures on their own (Redis'
+# per-call times too), with the keys Redis then holds: how a new session's cost moves as Redis and
+# tether's pin cache fill.
 # SCRIPT is a wrk script of this directory's (default new_sessions.lua, s2; sessions.lua is s1).
 # DIR holds `tether` and `tether-bench` (default $CARGO_TARGET_DIR/release; run.sh builds them).
 set -euo pipefail
@@ -22,12 +25,14 @@ conns=64
 # Affinity key sources, as instructions.sh takes them: `[]` is tether with affinity off.
 sources='["cookie:sid"]'
 script="$here/new_sessions.lua"
+runs=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
     --secs) secs="$2"; shift 2 ;;
     --conns) conns="$2"; shift 2 ;;
     --sources) sources="$2"; shift 2 ;;
+    --runs) runs="$2"; shift 2 ;;
     -*) echo "unknown argument $1" >&2; exit 2 ;;
     *) script="$1"; shift ;;
   esac
@@ -62,11 +67,14 @@ commands() {
 }
 # The machine's CPU time (/proc/stat's cpu line: user nice system idle iowait irq softirq ...).
 machine() { awk '/^cpu /{print $2 + $3 + $4, $5 + $6, $7 + $8}' /proc/stat; }
+for run in $(seq "$runs"); do
+# Each run's Redis figures on their own: INFO's counters and per-call times start again.
+redis-cli -s "$redis_sock" config resetstat > /dev/null
 t0=$(cpu "$tpid"); r0=$(cpu "$rpid"); b0=$(cpu "$bpid"); read -r c0 rd0 wr0 < <(commands)
 ts0=$(sys_cpu "$tpid"); x0="$(ctx "$tpid") $(ctx "$rpid") $(ctx "$bpid")"
 read -r m_busy0 m_idle0 m_irq0 < <(machine)
 /usr/bin/time -o "$work/wrk.time" -f "%w %c %U %S" \
-  wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$" > "$work/wrk.out"
+  wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$script" "$url" -- "run-$$-$run" > "$work/wrk.out"
 t1=$(cpu "$tpid"); r1=$(cpu "$rpid"); b1=$(cpu "$bpid"); read -r c1 rd1 wr1 < <(commands)
 ts1=$(sys_cpu "$tpid"); x1="$(ctx "$tpid") $(ctx "$rpid") $(ctx "$bpid")"
 read -r m_busy1 m_idle1 m_irq1 < <(machine)
@@ -75,7 +83,7 @@ python3 - "$work/wrk.out" "$work/wrk.time" "$(getconf CLK_TCK)" \
   "$((t1 - t0))" "$((r1 - r0))" "$((b1 - b0))" "$((c1 - c0 - 1))" "$rss" "$(basename "$script")" \
   "$((rd1 - rd0 - 1))" "$((wr1 - wr0 - 1))" "$redis_sock" \
   "$((m_busy1 - m_busy0))" "$((m_idle1 - m_idle0))" "$((m_irq1 - m_irq0))" "$((ts1 - ts0))" \
-  "$x0" "$x1" <<'PY'
+  "$x0" "$x1" "$run" "$runs" "$(redis-cli -s "$redis_sock" dbsize)" <<'PY'
 import re, subprocess, sys
 out = open(sys.argv[1]).read()
 wrk_vol, wrk_inv, wrk_user, wrk_sys = map(float, open(sys.argv[2]).read().split()[-4:])
@@ -86,8 +94,10 @@ rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 p99 = re.search(r"99%\s+(\S+)", out).group(1)
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 us = lambda ticks: ticks * 1e6 / hz / max(1, reqs)
-print(f"{sys.argv[9]}: {rps:,.0f} req/s, p99 {p99}, {reqs:,} requests"
-      f"{', %s non-2xx' % bad.group(1) if bad else ''}")
+run, runs, keys = sys.argv[19], sys.argv[20], int(sys.argv[21])
+label = sys.argv[9] + (f" run {run} of {runs}" if runs != "1" else "")
+print(f"{label}: {rps:,.0f} req/s, p99 {p99}, {reqs:,} requests"
+      f"{', %s non-2xx' % bad.group(1) if bad else ''}; Redis holds {keys:,} keys")
 print(f"  CPU us/request: tether {us(tether):.2f} ({us(int(sys.argv[16])):.2f} in the kernel),"
       f" redis {us(redis):.2f}, backends {us(backends):.2f},"
       f" wrk {(wrk_user + wrk_sys) * 1e6 / max(1, reqs):.2f}")
@@ -96,7 +106,8 @@ sw = [b - a for a, b in zip(map(int, sys.argv[17].split()), map(int, sys.argv[18
 print(f"  context switches/request: tether {sw[0] / max(1, reqs):.3f}, redis {sw[1] / max(1, reqs):.3f},"
       f" backends {sw[2] / max(1, reqs):.3f}, wrk {(wrk_vol + wrk_inv) / max(1, reqs):.3f}")
 reads, writes = int(sys.argv[10]), int(sys.argv[11])
-# Redis' own time per call of each command (INFO commandstats; warm-up included).
+# Redis' own time per call of each command in this run (INFO commandstats; the warm-up's too in
+# the first run).
 stats = subprocess.run(["redis-cli", "-s", sys.argv[12], "info", "commandstats"],
                        capture_output=True, text=True).stdout
 per_call = [f"{m[1].upper()} {float(m[3]):.2f} us x {int(m[2]):,}"
@@ -112,3 +123,4 @@ print(f"  machine: {100 * (busy + irq) / total:.0f}% busy ({100 * irq / total:.0
 if per_call:
     print(f"  Redis time per call: {', '.join(per_call)}")
 PY
+done
