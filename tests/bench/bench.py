@@ -127,11 +127,11 @@ def children(pid):
 
 def machine_ticks():
     """The machine's CPU time so far (/proc/stat's `cpu` line, in ticks): (all, stolen by the
-    host, idle). Stolen time is what the hypervisor ran on our cores instead of us: a run the host
+    host). Stolen time is what the hypervisor ran on our cores instead of us: a run the host
     took 10% from is slower for reasons none of the targets share with the others."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is counted in user already)
-    return sum(f[:8]), f[7] if len(f) > 7 else 0, f[3] + f[4]
+    return sum(f[:8]), f[7] if len(f) > 7 else 0
 
 
 def host_share(t0):
