@@ -106,8 +106,7 @@ sw = [b - a for a, b in zip(map(int, sys.argv[17].split()), map(int, sys.argv[18
 print(f"  context switches/request: tether {sw[0] / max(1, reqs):.3f}, redis {sw[1] / max(1, reqs):.3f},"
       f" backends {sw[2] / max(1, reqs):.3f}, wrk {(wrk_vol + wrk_inv) / max(1, reqs):.3f}")
 reads, writes = int(sys.argv[10]), int(sys.argv[11])
-# Redis' own time per call of each command in this run (INFO commandstats; the warm-up's too in
-# the first run).
+# Redis' own time per call of each command in this run (INFO commandstats, reset before it).
 stats = subprocess.run(["redis-cli", "-s", sys.argv[12], "info", "commandstats"],
                        capture_output=True, text=True).stdout
 per_call = [f"{m[1].upper()} {float(m[3]):.2f} us x {int(m[2]):,}"

@@ -519,7 +519,7 @@ def rotated(order, rnd):
     so no target always runs first after the warm-up, or right after `direct` (the heaviest run),
     or last in a round."""
     order = list(order)
-    k = rnd % len(order) if order else 0
+    k = rnd % len(order)
     return order[k:] + order[:k]
 
 
