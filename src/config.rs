@@ -141,6 +141,30 @@ pub struct ServerSettings {
     pub max_request_header_bytes: usize,
     /// Request header lines; beyond it 431.
     pub max_request_headers: usize,
+    /// Which engine serves requests without a body (see [`Engine`]).
+    pub engine: Engine,
+}
+
+/// `[server] engine`: which engine serves plain requests without a body. Requests with a body
+/// and HTTP/1.0 always go through Pingora's proxy; WebSocket upgrades and Engine.IO handshakes
+/// always through tether's lean engine (released Pingora cannot hold them as tether needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// tether's lean HTTP/1 engine (the default): about a fifth of Pingora's instructions per
+    /// keep-alive request.
+    Lean,
+    /// Pingora's proxy: a fallback for operators, and the other side of the differential
+    /// tests (tests/differential.rs).
+    Pingora,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Lean => "lean",
+            Engine::Pingora => "pingora",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -597,6 +621,7 @@ mod file {
         pub client_header_timeout_ms: Option<Spanned<u64>>,
         pub max_request_header_bytes: Option<Spanned<u64>>,
         pub max_request_headers: Option<Spanned<u64>>,
+        pub engine: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -775,6 +800,20 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         8,
         255,
     ) as usize;
+    let engine = match &s.engine {
+        None => Engine::Lean,
+        Some(e) => match e.get_ref().as_str() {
+            "lean" => Engine::Lean,
+            "pingora" => Engine::Pingora,
+            other => {
+                d.at(
+                    e.span(),
+                    format!("unknown engine `{other}`: expected `lean` or `pingora`"),
+                );
+                Engine::Lean
+            }
+        },
+    };
     (!listen.is_empty()).then(|| ServerSettings {
         listen,
         threads,
@@ -787,7 +826,17 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         client_header_timeout,
         max_request_header_bytes,
         max_request_headers,
+        engine,
     })
+}
+
+/// `[server]` with every default and one listener, for unit tests of code that reads it.
+#[cfg(test)]
+pub fn test_server_settings() -> ServerSettings {
+    let file = "[server]\nlisten = [\"127.0.0.1:1\"]\n[affinity]\nsources = [\"ip\"]\n[[backend]]\nid = \"a\"\naddress = \"127.0.0.1:2\"\n";
+    Config::parse(Path::new("t.toml"), file, &EnvOverrides::default())
+        .unwrap_or_else(|e| panic!("a valid config: {e}"))
+        .server
 }
 
 fn validate_admin(

@@ -6,20 +6,25 @@
 //! - [`health`]: active HTTP health checks of every backend (`[health]`), rise/fall, reloads.
 //! - [`selection`]: assignment policies for new keys and the deterministic fail-open hash.
 //! - [`affinity`]: key extraction and hashing, signed insert cookies, local cache, Redis map.
-//! - [`routing`]: the Pingora `ProxyHttp` implementation: extract key, look up, pick, pin, learn.
+//! - [`state`]: the shared state: live (reloadable) config, pins, tunnels, operator states.
+//! - [`route`]: the routing core, protocol-neutral: extract key, look up, pick, pin, learn, record.
+//! - [`http`]: the HTTP/1 policy every engine applies: header edits, strict framing, resends,
+//!   failure statuses, tether's own error answers, head limits, what reload may change.
+//! - [`engine`]: the front that reads every request head, the lean HTTP/1 engine (requests
+//!   without a body, WebSocket tunnels) and the Pingora engine (requests with a body).
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every Prometheus metric, named in one place.
-//! - [`state`]: the shared state: live (reloadable) config, pins, tunnels, operator states.
 //! - [`server`]: wires the above into a Pingora `Server`.
 
 pub mod admin;
 pub mod affinity;
 pub mod backend;
 pub mod config;
-pub mod fast;
+pub mod engine;
 pub mod health;
+pub mod http;
 pub mod metrics;
-pub mod routing;
+pub mod route;
 pub mod selection;
 pub mod server;
 pub mod state;

@@ -64,10 +64,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, upgrade } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_env_filter(log_filter())
+            use tracing_subscriber::prelude::*;
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                        .with_filter(log_filter())
+                        .with_filter(NotAFailure),
+                )
                 .init();
             // Parse and validate before anything binds a socket.
             let cfg = match Config::load(&config) {
@@ -102,6 +107,36 @@ fn disable_transparent_huge_pages() {
             "tether: could not disable transparent huge pages ({}): idle connections may use more memory",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Drops the one ERROR line of pingora-core 0.9.1 that reports no failure: "failed to acquire
+/// reusable stream" (`pingora_core::connectors`, its only `error!`) is logged when a pooled
+/// upstream connection's idle watcher has not yet dropped its handle as the connection is taken
+/// (`Arc::try_unwrap` loses that race); Pingora then opens a new connection and the request
+/// goes on. Under Socket.IO polling it came dozens of times a minute with no client error, and
+/// an ERROR line must mean something failed. Written up in
+/// docs/upstream/pingora-te-last-token.md, with the TE framing report.
+struct NotAFailure;
+
+impl<S> tracing_subscriber::layer::Filter<S> for NotAFailure {
+    fn enabled(
+        &self,
+        _meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        use tracing_log::NormalizeEvent;
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        !(*meta.level() == tracing::Level::ERROR && meta.target() == "pingora_core::connectors")
     }
 }
 

@@ -17,8 +17,8 @@ use tracing::info;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::fast::Front;
-use crate::routing::Router;
+use crate::engine::Front;
+use crate::engine::pingora::Router;
 use crate::state::State;
 
 /// Start tether with `config` and serve until a signal stops it. `upgrade`: take the listeners
@@ -43,15 +43,14 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
-        // Our retry policy (fail_to_connect, error_while_proxy) bounds retries; this is Pingora's
-        // outer cap, with room for resends on stale pooled connections besides the failovers.
-        max_retries: config.upstream.connect_retries + 3,
+        // tether's policy (crate::http::may_resend, crate::route::connect_failed) decides each
+        // retry; this is Pingora's outer cap, the same budget: connect_retries + 2 attempts.
+        max_retries: crate::http::pingora_max_retries(config.upstream.connect_retries),
         // One current-thread runtime per worker thread (Pingora's "no steal" flavour) instead of
         // a work-stealing one: tokio's work-stealing scheduler runs the task a wake-up just made
         // ready first (its LIFO slot), which starved some WebSockets under load (p99 74-110 ms
         // against HAProxy's 27-30 for 1,000 echoing sockets, tests/bench s3; 35 ms without it).
-        // Nothing in tether blocks a worker: the Engine.IO pin is awaited in
-        // response_body_settle (vendored Pingora hook).
+        // Nothing in tether blocks a worker: the Engine.IO pin is awaited by the lean engine.
         work_stealing: false,
         ..ServerConf::default()
     };
@@ -62,8 +61,8 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    // Pingora's proxy, behind tether's lean HTTP/1 path (src/fast.rs), which takes plain GET and
-    // HEAD requests and hands everything else to it.
+    // Pingora's proxy, behind tether's front (src/engine.rs), which reads every request head
+    // and gives requests with a body (and HTTP/1.0) to it, the rest to the lean engine.
     let mut pingora_proxy = HttpProxy::new(
         Router {
             state: state.clone(),
@@ -71,8 +70,6 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         server.configuration.clone(),
     );
     pingora_proxy.handle_init_modules();
-    // The whole request head must arrive within this (vendored Pingora patch, see vendor/).
-    pingora_proxy.client_header_timeout = Some(config.server.client_header_timeout);
     let mut proxy = Service::new(
         "tether proxy".to_string(),
         Front::new(pingora_proxy, state.clone()),

@@ -116,6 +116,9 @@ pub struct State {
     /// Set once Pingora starts handing the listeners over or shutting down: every response then
     /// says `Connection: close`, so keep-alive clients move to the new process.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// `[server] upstream_keepalive_pool` as tether started with: Pingora's pool is sized once,
+    /// and the lean engine keeps the same bound (a reload reports it as needing a restart).
+    pub upstream_keepalive_pool: usize,
 }
 
 impl State {
@@ -138,8 +141,10 @@ impl State {
                 None
             }
         };
+        let upstream_keepalive_pool = config.server.upstream_keepalive_pool;
         let live = Live::new(config, hasher.clone(), &interner, None);
         let state = State {
+            upstream_keepalive_pool,
             live: ArcSwap::from_pointee(live),
             interner,
             cache,
@@ -468,29 +473,11 @@ fn diff(old: &Config, new: &Config) -> ReloadReport {
     // Bound at start-up: Pingora's listeners, runtimes and proxy settings, the Redis connection,
     // the key hash and the cache are built once.
     let (o, n) = (old, new);
+    let mut restart_required: Vec<String> = crate::http::restart_only(&o.server, &n.server)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     let bound = [
-        ("server.listen", o.server.listen != n.server.listen),
-        ("server.threads", o.server.threads != n.server.threads),
-        (
-            "server.grace_period_secs",
-            o.server.grace_period != n.server.grace_period,
-        ),
-        (
-            "server.graceful_shutdown_timeout_secs",
-            o.server.graceful_shutdown_timeout != n.server.graceful_shutdown_timeout,
-        ),
-        (
-            "server.client_header_timeout_ms",
-            o.server.client_header_timeout != n.server.client_header_timeout,
-        ),
-        (
-            "server.upgrade_sock",
-            o.server.upgrade_sock != n.server.upgrade_sock,
-        ),
-        (
-            "server.upstream_keepalive_pool",
-            o.server.upstream_keepalive_pool != n.server.upstream_keepalive_pool,
-        ),
         ("admin.listen", o.admin.listen != n.admin.listen),
         ("redis", redis_differs(o, n)),
         (
@@ -502,11 +489,12 @@ fn diff(old: &Config, new: &Config) -> ReloadReport {
             o.affinity.cache_entries != n.affinity.cache_entries,
         ),
     ];
-    let restart_required = bound
-        .iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(name, _)| name.to_string())
-        .collect();
+    restart_required.extend(
+        bound
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(name, _)| name.to_string()),
+    );
     ReloadReport {
         added: new_ids
             .iter()

@@ -55,8 +55,9 @@ async fn a_websocket_follows_its_session_and_outlives_the_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_websockets_each_echo_their_first_message() {
-    // Regression test for cloudflare/pingora#946 (vendor/README.md): with the routing decision
-    // awaiting Redis, about 1 in 10 tunnels used to be torn down right after the 101.
+    // Regression test for cloudflare/pingora#946: on Pingora's proxy, with the routing decision
+    // awaiting Redis, about 1 in 10 tunnels were torn down right after the 101 (upgrades now take
+    // tether's lean engine).
     let redis = RedisServer::start();
     let (a, b, c) = three_backends().await;
     let lb = Balancer::start(&body(&[&a, &b, &c], &redis, "")).await;
@@ -198,8 +199,8 @@ async fn engine_io_sids_are_learned_from_the_handshake_on_every_instance() {
     assert_eq!(metric_value(&m, "tether_affinity_learned_total"), Some(6.0));
 }
 
-// The tunnel an upgraded connection runs in once the 101 is out (vendor/pingora-proxy
-// src/tunnel.rs): these drive it with raw sockets on both sides, so what it must carry is
+// The tunnel an upgraded connection runs in once the 101 is out (src/engine/tunnel.rs): these
+// drive it with raw sockets on both sides, so what it must carry is
 // exactly what was sent.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};

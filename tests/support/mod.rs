@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod raw;
 pub mod rideshare;
 pub mod scenario;
 

@@ -1,113 +1,63 @@
-// tether patch: detached tunnels for upgraded HTTP/1 connections (WebSockets).
-//
-// Once a `101 Switching Protocols` has gone downstream, Pingora keeps proxying the connection
-// inside the request's own task: the whole `process_request` state machine (about 20 KiB),
-// both HTTP sessions with their header and body buffers, and two task channels stay allocated
-// for as long as the WebSocket is open, about 50 KiB per idle WebSocket. When the proxy opts in
-// (`ProxyHttp::detach_upgraded`), the request task ends after the 101 instead, and the two
-// sockets move into the small task spawned here, which copies bytes both ways through one
-// buffer per thread: an idle tunnel holds its two sockets, its state and nothing else.
+//! Upgraded connections (WebSockets) after the `101`: the two sockets move into a small task of
+//! their own that copies bytes both ways through one buffer per worker thread. An idle tunnel
+//! holds its two sockets, this state and nothing else (about 6 KB per idle WebSocket, tests/bench
+//! s4), where a request task kept alive for it would hold its whole HTTP state.
+//!
+//! A tunnel ends when either side closes (what that side sent is delivered first, then both are
+//! closed, as NGINX does), on a socket error, or after `idle_timeout` without a byte either way
+//! (HAProxy's `timeout tunnel`).
 
-use bytes::Bytes;
-use futures::FutureExt;
-use pingora_core::protocols::http::v1::client::HttpSession as HttpSessionV1;
-use pingora_core::protocols::http::ServerSession as HttpSession;
-use pingora_core::protocols::Stream;
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-/// How an opted-in upgraded connection is run once detached.
-#[derive(Debug, Clone, Default)]
-pub struct DetachedTunnel {
-    /// Close the tunnel after this long without a byte in either direction (HAProxy's
-    /// `timeout tunnel`). `None`: never.
-    pub idle_timeout: Option<Duration>,
-}
+use crate::route::TunnelClosed;
 
-/// Why a detached tunnel ended.
+/// Why a tunnel ended.
 #[derive(Debug)]
 pub enum TunnelEnd {
     /// The client closed its side (everything it sent was delivered).
-    DownstreamClosed,
-    /// The upstream closed its side (everything it sent was delivered).
-    UpstreamClosed,
+    ClientClosed,
+    /// The backend closed its side (everything it sent was delivered).
+    BackendClosed,
     /// No byte either way for the idle timeout.
     IdleTimeout,
     /// Reading from or writing to the client failed.
-    DownstreamError(io::Error),
-    /// Reading from or writing to the upstream failed.
-    UpstreamError(io::Error),
+    ClientError(io::Error),
+    /// Reading from or writing to the backend failed.
+    BackendError(io::Error),
 }
 
-/// What a detached tunnel did, handed to the proxy's close callback.
+/// What a tunnel did.
 #[derive(Debug)]
 pub struct TunnelReport {
-    /// Bytes read from the client (and written to the upstream, unless the tunnel failed).
-    pub to_upstream: u64,
-    /// Bytes read from the upstream (and written to the client, unless the tunnel failed).
-    pub to_downstream: u64,
-    /// From the detach (just after the 101) to the close.
-    pub duration: Duration,
+    /// Bytes read from the client (and written to the backend, unless the tunnel failed).
+    pub to_backend: u64,
+    /// Bytes read from the backend (and written to the client, unless the tunnel failed).
+    pub to_client: u64,
     pub end: TunnelEnd,
 }
 
-/// Runs when a detached tunnel closes.
-pub type OnTunnelClose = Box<dyn FnOnce(TunnelReport) + Send>;
-
-/// Per request: a detach the proxy asked for, then the upstream socket once the 101 went out.
-pub(crate) struct PendingTunnel {
-    pub settings: DetachedTunnel,
-    /// The upstream socket and what its session had already read past the 101.
-    pub upstream: Option<(Stream, Vec<Bytes>)>,
-}
-
-/// At most this much is taken out of a session's buffers (and socket) before detaching; the
-/// rest stays in the socket for the tunnel.
-const DRAIN_LIMIT: usize = 256 * 1024;
-
-/// Bytes a session has already read (or can read right now without waiting) past the upgrade:
-/// a backend that speaks first (Engine.IO's open packet) often sends them with its 101.
-fn drain_now<S>(
-    session: &mut S,
-    mut read: impl FnMut(&mut S) -> futures::future::BoxFuture<'_, pingora_error::Result<Option<Bytes>>>,
-) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut total = 0;
-    while total < DRAIN_LIMIT {
-        // A read that would wait is dropped before it has taken anything (the body readers
-        // read straight from the socket), so the bytes it would have read stay in the socket.
-        match read(session).now_or_never() {
-            Some(Ok(Some(b))) if !b.is_empty() => {
-                total += b.len();
-                out.push(b);
-            }
-            _ => break,
+impl TunnelReport {
+    /// For the access log line ([`crate::route::record`]).
+    pub(crate) fn closed(&self) -> TunnelClosed {
+        TunnelClosed {
+            end: match self.end {
+                TunnelEnd::ClientClosed => "client",
+                TunnelEnd::BackendClosed => "backend",
+                TunnelEnd::IdleTimeout => "idle_timeout",
+                TunnelEnd::ClientError(_) => "client_error",
+                TunnelEnd::BackendError(_) => "backend_error",
+            },
+            to_backend: self.to_backend,
+            to_client: self.to_client,
         }
-    }
-    out
-}
-
-/// The upstream session's socket and the bytes it read past the 101.
-pub(crate) fn take_upstream(mut h1: HttpSessionV1) -> (Stream, Vec<Bytes>) {
-    let early = drain_now(&mut h1, |s| s.read_body_bytes().boxed());
-    (h1.into_inner(), early)
-}
-
-/// The client's socket and the bytes it sent past the upgrade request, or `None` if the
-/// session is not HTTP/1.
-pub(crate) fn take_downstream(session: Box<HttpSession>) -> Option<(Stream, Vec<Bytes>)> {
-    match *session {
-        HttpSession::H1(mut h1) => {
-            let early = drain_now(&mut h1, |s| s.read_body_bytes().boxed());
-            Some((h1.into_inner(), early))
-        }
-        _ => None,
     }
 }
 
@@ -136,13 +86,12 @@ enum Fail {
 }
 
 impl Half {
-    fn new(early: Vec<Bytes>) -> Self {
-        let pending = early.concat();
+    fn new(pending: Vec<u8>) -> Self {
         Half {
             bytes: pending.len() as u64,
             pending,
             pos: 0,
-            // The 101 itself may still sit in the downstream writer's buffer.
+            // The 101 itself may still sit in the client writer's buffer.
             unflushed: true,
             eof: false,
         }
@@ -150,18 +99,18 @@ impl Half {
 
     /// Move bytes from `from` to `to` until either would wait. `Ready(Ok)`: `from` ended and
     /// everything it sent is flushed to `to`.
-    fn poll_copy(
+    fn poll_copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut Stream,
-        to: &mut Stream,
+        from: &mut R,
+        to: &mut W,
         buf: &mut [u8],
     ) -> Poll<Result<(), Fail>> {
         loop {
             while self.pos < self.pending.len() {
                 match Pin::new(&mut *to).poll_write(cx, &self.pending[self.pos..]) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(Fail::Write(io::ErrorKind::WriteZero.into())))
+                        return Poll::Ready(Err(Fail::Write(io::ErrorKind::WriteZero.into())));
                     }
                     Poll::Ready(Ok(n)) => {
                         self.pos += n;
@@ -202,7 +151,7 @@ impl Half {
             while off < n {
                 match Pin::new(&mut *to).poll_write(cx, &buf[off..n]) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(Fail::Write(io::ErrorKind::WriteZero.into())))
+                        return Poll::Ready(Err(Fail::Write(io::ErrorKind::WriteZero.into())));
                     }
                     Poll::Ready(Ok(k)) => {
                         off += k;
@@ -220,19 +169,23 @@ impl Half {
     }
 }
 
-/// Copy both ways between `down` (the client) and `up` until either side ends (what it sent is
-/// delivered first, then both are closed, as NGINX does), a socket fails, or nothing moved for
-/// `idle_timeout`. `down_early`/`up_early`: bytes already read from each side.
-pub(crate) async fn run(
-    mut down: Stream,
-    mut up: Stream,
-    down_early: Vec<Bytes>,
-    up_early: Vec<Bytes>,
+/// Copy both ways between `client` and `backend` until either side ends, a socket fails, or
+/// nothing moved for `idle_timeout`. `client_early`/`backend_early`: bytes already read from
+/// each side past the upgrade (a backend that speaks first, like Engine.IO, sends with its 101).
+pub async fn run<C, B>(
+    mut down: C,
+    mut up: B,
+    client_early: Vec<u8>,
+    backend_early: Vec<u8>,
     idle_timeout: Option<Duration>,
-) -> TunnelReport {
+) -> TunnelReport
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let started = Instant::now();
-    let mut to_up = Half::new(down_early);
-    let mut to_down = Half::new(up_early);
+    let mut to_up = Half::new(client_early);
+    let mut to_down = Half::new(backend_early);
     let mut last_moved = started;
     let mut idle = idle_timeout.map(|t| (t, Box::pin(tokio::time::sleep_until(started + t))));
 
@@ -242,16 +195,16 @@ pub(crate) async fn run(
             let mut buf = buf.borrow_mut();
             if let Poll::Ready(r) = to_up.poll_copy(cx, &mut down, &mut up, &mut buf) {
                 return Poll::Ready(match r {
-                    Ok(()) => TunnelEnd::DownstreamClosed,
-                    Err(Fail::Read(e)) => TunnelEnd::DownstreamError(e),
-                    Err(Fail::Write(e)) => TunnelEnd::UpstreamError(e),
+                    Ok(()) => TunnelEnd::ClientClosed,
+                    Err(Fail::Read(e)) => TunnelEnd::ClientError(e),
+                    Err(Fail::Write(e)) => TunnelEnd::BackendError(e),
                 });
             }
             if let Poll::Ready(r) = to_down.poll_copy(cx, &mut up, &mut down, &mut buf) {
                 return Poll::Ready(match r {
-                    Ok(()) => TunnelEnd::UpstreamClosed,
-                    Err(Fail::Read(e)) => TunnelEnd::UpstreamError(e),
-                    Err(Fail::Write(e)) => TunnelEnd::DownstreamError(e),
+                    Ok(()) => TunnelEnd::BackendClosed,
+                    Err(Fail::Read(e)) => TunnelEnd::BackendError(e),
+                    Err(Fail::Write(e)) => TunnelEnd::ClientError(e),
                 });
             }
             Poll::Pending
@@ -289,9 +242,8 @@ pub(crate) async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 
     TunnelReport {
-        to_upstream: to_up.bytes,
-        to_downstream: to_down.bytes,
-        duration: started.elapsed(),
+        to_backend: to_up.bytes,
+        to_client: to_down.bytes,
         end,
     }
 }
