@@ -16,8 +16,9 @@
 //!   requests than the client sent, every message well-formed (one Host, HTTP/1.1, one framing).
 //!
 //! Each group test runs every vector and lists every failure (name, what went wrong, what the
-//! client and the backend got) before it panics. `nginx_verdicts` (ignored: it needs nginx)
-//! runs the same table through a local NGINX and prints a markdown table (docs/conformance.md).
+//! client and the backend got) before it panics. `tether_is_never_more_lenient_than_nginx` runs
+//! the same table through a local NGINX 1.22 (scripts/test installs it): NGINX's verdicts must be
+//! the ones docs/conformance.md records, and tether must meet every vector NGINX meets.
 
 mod support;
 
@@ -1606,25 +1607,70 @@ async fn connection_level_vectors() {
     judge(Group::Connection).await;
 }
 
-/// The same table through a local NGINX (`nginx -v` 1.22 here): prints a markdown table of its
-/// verdicts for docs/conformance.md. Never fails on a verdict: it is a comparison.
+/// The NGINX verdicts recorded in docs/conformance.md (its first table), by vector: whether
+/// NGINX met the target.
+fn recorded_nginx_verdicts() -> std::collections::BTreeMap<String, bool> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/conformance.md"))
+            .expect("docs/conformance.md");
+    doc.lines()
+        .skip_while(|l| !l.starts_with("| vector | target verdict | tether | NGINX"))
+        .skip(2)
+        .take_while(|l| l.starts_with("| "))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+            Some((cells.first()?.to_string(), *cells.get(3)? == "pass"))
+        })
+        .collect()
+}
+
+/// The same table through a local NGINX 1.22 (installed by scripts/test), compared with what
+/// docs/conformance.md says NGINX does, and with tether: on no vector is tether more lenient
+/// than NGINX (a vector NGINX meets, tether meets too). A changed NGINX verdict fails with the
+/// new table to paste into the doc.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nginx; prints NGINX's verdicts for docs/conformance.md"]
-async fn nginx_verdicts() {
+async fn tether_is_never_more_lenient_than_nginx() {
     let version = Command::new("nginx")
         .arg("-v")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
-        .unwrap_or_else(|e| panic!("nginx -v: {e} (install nginx)"));
-    let mut verdicts = Vec::new();
+        .unwrap_or_else(|e| panic!("nginx -v: {e} (scripts/test installs nginx)"));
+    let recorded = recorded_nginx_verdicts();
+    let mut nginx = Vec::new();
+    let mut problems = Vec::new();
     for v in &all_vectors() {
-        verdicts.push(run(v, ProxyKind::Nginx).await);
+        let theirs = run(v, ProxyKind::Nginx).await;
+        let met = theirs.failures.is_empty();
+        match recorded.get(&v.name) {
+            Some(&was) if was == met => {}
+            was => problems.push(format!(
+                "- {}: docs/conformance.md says NGINX {}, {version} now {}",
+                v.name,
+                match was {
+                    Some(true) => "meets the target",
+                    Some(false) => "misses the target",
+                    None => "(not listed)",
+                },
+                if met { "meets it" } else { "misses it" },
+            )),
+        }
+        if met {
+            let ours = run(v, ProxyKind::Tether).await;
+            if !ours.failures.is_empty() {
+                problems.push(format!(
+                    "- {}: NGINX meets the target, tether does not: {}",
+                    v.name,
+                    ours.failures.join("; ")
+                ));
+            }
+        }
+        nginx.push(theirs);
     }
-    let passed = verdicts.iter().filter(|v| v.failures.is_empty()).count();
-    println!(
-        "{version}: {passed} of {} vectors meet the target verdict\n\n{}",
-        verdicts.len(),
-        table("NGINX", &verdicts)
+    assert!(
+        problems.is_empty(),
+        "{}\n\n{version}'s table:\n{}",
+        problems.join("\n"),
+        table("NGINX", &nginx)
     );
 }
 

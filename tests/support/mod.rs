@@ -180,12 +180,24 @@ pub async fn bind_again(addr: SocketAddr, who: &str) -> StdTcpListener {
 
 /// A free TCP port on 127.0.0.1, found by binding port 0 and dropping the listener. Another
 /// process can take it before the caller binds it: callers that spawn a server on it must be
-/// ready to retry (as [`Balancer::start`] is).
+/// ready to retry (as [`Balancer::start`] is). Never the same port twice in one test process:
+/// the kernel hands a just-released port out again now and then, so two tests running side by
+/// side could both be given it before either server bound it; the loser's client then reached
+/// the winner's tether (seen in tests/conformance.rs, whose four tests start some 400 proxies
+/// side by side).
 pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0 to find a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = StdTcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("binding 127.0.0.1:0 to find a free port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Two different free ports (see [`free_port`]).
