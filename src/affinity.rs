@@ -328,6 +328,44 @@ pub fn is_engine_io_handshake(query: Option<&str>) -> bool {
     query.is_some_and(|q| query_param(q, "EIO").is_some() && query_param(q, "sid").is_none())
 }
 
+/// The start of an Engine.IO handshake's response body, kept as it arrives until its `sid`
+/// ([`engine_io_sid`]) is found or [`SidSearch::LOOK_AT`] bytes came without one. Both HTTP
+/// engines search with it.
+#[derive(Debug, Default)]
+pub struct SidSearch {
+    seen: Vec<u8>,
+}
+
+/// Where a [`SidSearch`] stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SidFound<'a> {
+    Sid(&'a [u8]),
+    /// Not yet: more body may bring it.
+    NotYet,
+    /// Never: the body ended or went past [`SidSearch::LOOK_AT`] without one.
+    Never,
+}
+
+impl SidSearch {
+    /// How much of a handshake body is searched.
+    pub const LOOK_AT: usize = 1024;
+
+    /// Take the next body bytes (as decoded, whatever the framing).
+    pub fn feed(&mut self, data: &[u8]) {
+        let room = Self::LOOK_AT.saturating_sub(self.seen.len());
+        self.seen.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// The sid, if the bytes so far hold one; `ended`: the body is all in.
+    pub fn found(&self, ended: bool) -> SidFound<'_> {
+        match engine_io_sid(&self.seen) {
+            Some(sid) => SidFound::Sid(sid),
+            None if ended || self.seen.len() >= Self::LOOK_AT => SidFound::Never,
+            None => SidFound::NotYet,
+        }
+    }
+}
+
 /// The session id in the start of an Engine.IO handshake response body: `0{"sid":"..."` (v4) or
 /// `<len>:0{"sid":"..."` (v3). `None` until enough of the body is there, or if it is not one.
 pub fn engine_io_sid(body: &[u8]) -> Option<&[u8]> {

@@ -39,7 +39,6 @@ use crate::affinity::is_engine_io_handshake;
 use crate::config::Engine;
 use crate::http::framing::RequestBody;
 use crate::http::{self, Refusal};
-use crate::metrics::{Metrics, STATUS_CLASSES, status_class};
 use crate::state::State;
 
 /// The proxy service's app: the front of both engines.
@@ -174,7 +173,7 @@ impl Front {
             )
         };
         let head_len = loop {
-            if let Some(n) = lean::head_end(&c.buf) {
+            if let Some(n) = http::head_end(&c.buf) {
                 break n;
             }
             if !c.buf.is_empty() {
@@ -279,12 +278,7 @@ impl Front {
             reason = refusal.reason,
             "request refused"
         );
-        if let Some(class) = status_class(refusal.status) {
-            Metrics::get()
-                .requests
-                .with_label_values(&["none", STATUS_CLASSES[class]])
-                .inc();
-        }
+        crate::route::count_unrouted(refusal.status);
         let head = c.buf.starts_with(b"HEAD ");
         lean::write_error_answer(&mut c.stream, refusal.status, head).await;
         Next::Close

@@ -201,6 +201,23 @@ pub fn check_request<'h>(
     })
 }
 
+/// Where the head at the start of `buf` ends (after its blank line), if it is all there. Bare
+/// LF line ends count, as httparse (and NGINX) accept them.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
+        let at = from + i;
+        match buf.get(at + 1..at + 3) {
+            Some([b'\r', b'\n']) => return Some(at + 3),
+            Some([b'\n', _]) => return Some(at + 2),
+            None if buf.get(at + 1) == Some(&b'\n') => return Some(at + 2),
+            _ => {}
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// A head of `head_len` bytes with a `target_len`-byte target is over the limit: 414 when the
 /// target takes most of it, 431 otherwise (as NGINX and HAProxy answer). The one measure of a
 /// head's size: its bytes on the wire.
@@ -412,6 +429,15 @@ mod tests {
         check_request(&req, n, &limits())
             .map(|r| (r.upgrade, r.close, r.idempotent, r.body))
             .map_err(|r| r.status)
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nGET"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24));
     }
 
     #[test]

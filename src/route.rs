@@ -382,6 +382,17 @@ pub(crate) struct Outcome<'a> {
     pub(crate) tunnel: Option<&'a TunnelClosed>,
 }
 
+/// Count a request answered without a backend (none available, or refused before routing) in
+/// `tether_requests_total{backend="none"}`.
+pub(crate) fn count_unrouted(status: u16) {
+    if let Some(class) = status_class(status) {
+        Metrics::get()
+            .requests
+            .with_label_values(&["none", crate::metrics::STATUS_CLASSES[class]])
+            .inc();
+    }
+}
+
 /// Count a finished request by backend and status class, and write its access log line.
 pub(crate) fn record(o: Outcome<'_>) {
     match (o.backend, status_class(o.status)) {
@@ -390,12 +401,7 @@ pub(crate) fn record(o: Outcome<'_>) {
             stats.requests[class].inc();
             stats.duration.observe(o.started.elapsed().as_secs_f64());
         }
-        (None, Some(class)) => {
-            Metrics::get()
-                .requests
-                .with_label_values(&["none", crate::metrics::STATUS_CLASSES[class]])
-                .inc();
-        }
+        (None, Some(_)) => count_unrouted(o.status),
         _ => {}
     }
     if o.live.config.server.access_log {

@@ -235,32 +235,34 @@ impl Pair {
                     ));
                 }
             }
-            if lean.client != pingora.client {
+            let mut differ = |what_differs: &str, lean_shown: String, pingora_shown: String| {
                 what.push(format!(
-                    "  client read\n    lean:    {}\n    pingora: {}",
-                    escape(&lean.client),
-                    escape(&pingora.client)
+                    "  {what_differs}\n    lean:    {lean_shown}\n    pingora: {pingora_shown}"
                 ));
+            };
+            if lean.client != pingora.client {
+                differ("client read", escape(&lean.client), escape(&pingora.client));
             }
             if lean.closed != pingora.closed {
-                what.push(format!(
-                    "  connection closed: lean {}, pingora {}",
-                    lean.closed, pingora.closed
-                ));
+                differ(
+                    "connection closed",
+                    lean.closed.to_string(),
+                    pingora.closed.to_string(),
+                );
             }
             if lean.backend != pingora.backend {
-                what.push(format!(
-                    "  backend received\n    lean:    {}\n    pingora: {}",
+                differ(
+                    "backend received",
                     list(&lean.backend),
-                    list(&pingora.backend)
-                ));
+                    list(&pingora.backend),
+                );
             }
             if lean.stray != pingora.stray {
-                what.push(format!(
-                    "  backend stray bytes\n    lean:    {}\n    pingora: {}",
+                differ(
+                    "backend stray bytes",
                     list(&lean.stray),
-                    list(&pingora.stray)
-                ));
+                    list(&pingora.stray),
+                );
             }
             if !what.is_empty() {
                 diffs.push(format!("- {}\n{}", case.name, what.join("\n")));

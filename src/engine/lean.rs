@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::affinity::{SessionKey, engine_io_sid};
+use crate::affinity::{SessionKey, SidFound, SidSearch};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{BadChunk, ChunkDecoder, ResponseBody};
 use crate::http::headers::{FORWARDED_PROTO, Hop, forwarded_for};
@@ -42,8 +42,6 @@ use super::tunnel;
 const UPSTREAM_READ: usize = 16 * 1024;
 /// Header slots tried first when parsing a head.
 pub(super) const FEW_HEADERS: usize = 24;
-/// How much of an Engine.IO handshake body is searched for its `sid`.
-const ENGINE_IO_LOOK_AT: usize = 1024;
 
 /// One request for the lean engine.
 pub(super) struct Job<'a, 'hs, 'b> {
@@ -239,7 +237,7 @@ fn upstream_request(
     for h in req.headers.iter() {
         if !checked
             .hop
-            .request_keeps_host(h.name, checked.upgrade, checked.authority.is_none())
+            .request_keeps(h.name, checked.upgrade, checked.authority.is_none())
         {
             continue;
         }
@@ -483,7 +481,7 @@ impl Exchange<'_> {
         loop {
             // Read until a complete head is there.
             let head_len = loop {
-                if let Some(n) = head_end(&buf) {
+                if let Some(n) = http::head_end(&buf) {
                     break n;
                 }
                 if !buf.is_empty() {
@@ -654,7 +652,7 @@ impl Exchange<'_> {
             let sniff = match self.engine_io {
                 Some(source) if status == 200 => Some(EngineIo {
                     source,
-                    seen: Vec::new(),
+                    search: SidSearch::default(),
                     backend: b,
                 }),
                 _ => None,
@@ -719,28 +717,10 @@ enum Relay {
     },
 }
 
-/// Where the head at the start of `buf` ends (after its blank line), if it is all there. Bare
-/// LF line ends count, as httparse (and NGINX) accept them.
-pub(super) fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
-        let at = from + i;
-        match buf.get(at + 1..at + 3) {
-            Some([b'\r', b'\n']) => return Some(at + 3),
-            Some([b'\n', _]) => return Some(at + 2),
-            None if buf.get(at + 1) == Some(&b'\n') => return Some(at + 2),
-            _ => {}
-        }
-        from = at + 1;
-    }
-    None
-}
-
-/// An Engine.IO handshake's body, searched for its `sid` until found or past
-/// [`ENGINE_IO_LOOK_AT`] bytes.
+/// An Engine.IO handshake's body, searched for its `sid`.
 struct EngineIo<'a> {
     source: usize,
-    seen: Vec<u8>,
+    search: SidSearch,
     backend: &'a Backend,
 }
 
@@ -757,11 +737,10 @@ struct BodyRelay<'a> {
 impl BodyRelay<'_> {
     /// How many bytes of `chunk` belong to the message, and whether it ended with them.
     fn take(&mut self, chunk: &[u8], left: &mut u64) -> Result<(usize, bool), BadChunk> {
-        let mut sniff = self.sniff.as_mut().map(|s| &mut s.seen);
+        let mut search = self.sniff.as_mut().map(|s| &mut s.search);
         let mut look = |data: &[u8]| {
-            if let Some(seen) = sniff.as_mut() {
-                let room = ENGINE_IO_LOOK_AT.saturating_sub(seen.len());
-                seen.extend_from_slice(&data[..data.len().min(room)]);
+            if let Some(search) = search.as_mut() {
+                search.feed(data);
             }
         };
         Ok(match self.framing {
@@ -788,12 +767,14 @@ impl BodyRelay<'_> {
         let Some(s) = &self.sniff else {
             return;
         };
-        if let Some(sid) = engine_io_sid(&s.seen) {
-            let key = self.live.extractor.hash_for(s.source, sid);
-            self.state.learn_pin(key, s.backend, "engine.io").await;
-            self.sniff = None;
-        } else if done || s.seen.len() >= ENGINE_IO_LOOK_AT {
-            self.sniff = None;
+        match s.search.found(done) {
+            SidFound::Sid(sid) => {
+                let key = self.live.extractor.hash_for(s.source, sid);
+                self.state.learn_pin(key, s.backend, "engine.io").await;
+                self.sniff = None;
+            }
+            SidFound::Never => self.sniff = None,
+            SidFound::NotYet => {}
         }
     }
 }
@@ -960,19 +941,5 @@ mod pool {
             let now = Instant::now();
             IDLE.with_borrow_mut(|idle| idle.retain(|c| c.expires > now));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_head_ends_at_its_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET"), Some(27));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nGET"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24));
     }
 }

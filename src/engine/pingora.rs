@@ -36,7 +36,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, warn};
 
-use crate::affinity::{KeyHash, SessionKey, engine_io_sid, is_engine_io_handshake};
+use crate::affinity::{KeyHash, SessionKey, SidFound, SidSearch, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{ChunkDecoder, RequestBody};
 use crate::http::headers::{FORWARDED_PROTO, Hop, forwarded_for};
@@ -63,7 +63,7 @@ pub struct RequestCtx {
     started: Instant,
     /// An Engine.IO handshake from an HTTP/1.0 client: the start of its response body, until
     /// the sid is found.
-    engine_io: Option<Vec<u8>>,
+    engine_io: Option<SidSearch>,
     /// A response header arrived from a backend: from then on nothing may be retried.
     responded: bool,
 }
@@ -108,7 +108,18 @@ fn body_refused(session: &Session) -> bool {
         .is_some_and(|c| c.refused.load(Ordering::Relaxed))
 }
 
-/// Refuse a response Pingora would frame by guessing, or a 101 nobody asked for.
+/// The hop-by-hop decisions for a message with these header fields ([`Hop::of`]).
+fn hop_of(headers: &::http::HeaderMap) -> Option<Hop<'_>> {
+    Hop::of(
+        headers
+            .get_all(::http::header::CONNECTION)
+            .into_iter()
+            .map(|v| v.as_bytes()),
+    )
+}
+
+/// Refuse a response Pingora would frame by guessing, or a 101 nobody asked for: what the lean
+/// engine refuses too.
 fn check_response(resp: &ResponseHeader) -> std::result::Result<(), &'static str> {
     if resp.status == ::http::StatusCode::SWITCHING_PROTOCOLS {
         return Err("101 to a request that did not ask to upgrade");
@@ -127,6 +138,7 @@ fn check_response(resp: &ResponseHeader) -> std::result::Result<(), &'static str
     if !http::response_fields_valid(resp.headers.values().map(|v| v.as_bytes())) {
         return Err("folded (obs-fold) response header field");
     }
+    hop_of(&resp.headers).ok_or("malformed Connection field")?;
     Ok(())
 }
 
@@ -162,7 +174,7 @@ impl ProxyHttp for Router {
         if ctx.live.engine_io_source.is_some()
             && is_engine_io_handshake(session.req_header().uri.query())
         {
-            ctx.engine_io = Some(Vec::new());
+            ctx.engine_io = Some(SidSearch::default());
         }
         Ok(false)
     }
@@ -311,20 +323,12 @@ impl ProxyHttp for Router {
         {
             upstream_request.insert_header(::http::header::HOST, g.backend().addr.to_string())?;
         }
-        let downstream = session.req_header();
-        let hop = Hop::of(
-            downstream
-                .headers
-                .get_all(::http::header::CONNECTION)
-                .into_iter()
-                .map(|v| v.as_bytes()),
-        );
         // The front refused a request whose Connection is not a short token list.
-        let hop = hop.unwrap_or_default();
+        let hop = hop_of(&session.req_header().headers).unwrap_or_default();
         let gone: Vec<::http::header::HeaderName> = upstream_request
             .headers
             .keys()
-            .filter(|name| !hop.request_keeps(name.as_str(), false))
+            .filter(|name| !hop.request_keeps(name.as_str(), false, true))
             .cloned()
             .collect();
         let forwarded = client_ip(session).map(|ip| {
@@ -371,14 +375,8 @@ impl ProxyHttp for Router {
             return Ok(());
         };
         let named: Vec<::http::header::HeaderName> = {
-            let hop = Hop::of(
-                upstream_response
-                    .headers
-                    .get_all(::http::header::CONNECTION)
-                    .into_iter()
-                    .map(|v| v.as_bytes()),
-            )
-            .unwrap_or_default();
+            // `check_response` refused a response whose Connection is not a token list.
+            let hop = hop_of(&upstream_response.headers).unwrap_or_default();
             let status = upstream_response.status.as_u16();
             upstream_response
                 .headers
@@ -434,24 +432,24 @@ impl ProxyHttp for Router {
         // An Engine.IO handshake on this path (an HTTP/1.0 client; HTTP/1.1 handshakes take the
         // lean engine, which pins before the body goes out): the sid is in the first bytes of
         // the body. Body filters cannot wait, so the pin is written by a task of its own.
-        const LOOK_AT: usize = 1024;
-        if let Some(buf) = ctx.engine_io.as_mut() {
-            if let Some(chunk) = body.as_ref() {
-                let room = LOOK_AT.saturating_sub(buf.len());
-                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            let found = engine_io_sid(buf).map(<[u8]>::to_vec);
-            let backend = ctx.current.as_ref().map(|g| g.backend().clone());
-            if let (Some(sid), Some(backend), Some(source)) =
-                (found.as_deref(), backend, ctx.live.engine_io_source)
-            {
-                let key: KeyHash = ctx.live.extractor.hash_for(source, sid);
-                let state = self.state.clone();
-                tokio::spawn(async move { state.learn_pin(key, &backend, "engine.io").await });
-                ctx.engine_io = None;
-            } else if end_of_stream || buf.len() >= LOOK_AT {
+        let Some(search) = ctx.engine_io.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.as_ref() {
+            search.feed(chunk);
+        }
+        match search.found(end_of_stream) {
+            SidFound::Sid(sid) => {
+                let backend = ctx.current.as_ref().map(|g| g.backend().clone());
+                if let (Some(backend), Some(source)) = (backend, ctx.live.engine_io_source) {
+                    let key: KeyHash = ctx.live.extractor.hash_for(source, sid);
+                    let state = self.state.clone();
+                    tokio::spawn(async move { state.learn_pin(key, &backend, "engine.io").await });
+                }
                 ctx.engine_io = None;
             }
+            SidFound::Never => ctx.engine_io = None,
+            SidFound::NotYet => {}
         }
         Ok(None)
     }

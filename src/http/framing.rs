@@ -292,6 +292,11 @@ pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A byte a field value (or a quoted string) may hold: HTAB, visible ASCII, space, obs-text.
+fn is_field_char(b: u8) -> bool {
+    b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
+}
+
 fn is_ows(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
@@ -340,12 +345,10 @@ fn valid_extension(ext: &[u8]) -> bool {
                             break;
                         }
                         Some(b'\\') => match ext.get(i + 1) {
-                            Some(&c) if c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80 => {
-                                i += 2
-                            }
+                            Some(&c) if is_field_char(c) => i += 2,
                             _ => return false,
                         },
-                        Some(&c) if c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80 => i += 1,
+                        Some(&c) if is_field_char(c) => i += 1,
                         Some(_) => return false,
                     }
                 }
@@ -363,11 +366,7 @@ pub fn valid_field_line(line: &[u8]) -> bool {
         return false;
     };
     let (name, value) = (&line[..colon], &line[colon + 1..]);
-    !name.is_empty()
-        && name.iter().all(|b| is_tchar(*b))
-        && value
-            .iter()
-            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
+    !name.is_empty() && name.iter().all(|b| is_tchar(*b)) && value.iter().all(|&b| is_field_char(b))
 }
 
 #[cfg(test)]

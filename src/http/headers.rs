@@ -70,15 +70,10 @@ impl<'a> Hop<'a> {
 
     /// Whether request field `name` goes to the backend. `upgrade`: the request is a real
     /// upgrade (its `Upgrade` field goes, with `Connection: upgrade`, written by the engine).
-    /// `X-Forwarded-For` and `-Proto` are rewritten by [`forwarded_for`] and
+    /// `host`: the client's `Host` goes (not when an absolute-form target's authority replaces
+    /// it). `X-Forwarded-For` and `-Proto` are rewritten by [`forwarded_for`] and
     /// [`FORWARDED_PROTO`]; `Expect` is answered by tether (see [`super::Request`]).
-    pub fn request_keeps(&self, name: &str, upgrade: bool) -> bool {
-        self.request_keeps_host(name, upgrade, true)
-    }
-
-    /// [`Hop::request_keeps`], and `host`: whether the client's `Host` goes (not when an
-    /// absolute-form target's authority replaces it).
-    pub fn request_keeps_host(&self, name: &str, upgrade: bool, host: bool) -> bool {
+    pub fn request_keeps(&self, name: &str, upgrade: bool, host: bool) -> bool {
         if !host && name.eq_ignore_ascii_case("host") {
             return false;
         }
@@ -155,12 +150,13 @@ mod tests {
             "x-forwarded-proto",
             "Expect",
         ] {
-            assert!(!hop.request_keeps(gone, false), "{gone}");
+            assert!(!hop.request_keeps(gone, false, true), "{gone}");
         }
         for kept in ["host", "cookie", "x-bar", "authorization", "trailer"] {
-            assert!(hop.request_keeps(kept, false), "{kept}");
+            assert!(hop.request_keeps(kept, false, true), "{kept}");
         }
-        assert!(hop.request_keeps("upgrade", true));
+        assert!(hop.request_keeps("upgrade", true, true));
+        assert!(!hop.request_keeps("host", false, false));
         assert!(!hop.response_keeps("upgrade", 200));
         assert!(hop.response_keeps("upgrade", 101));
         assert!(!hop.response_keeps("x-foo", 200));

@@ -335,29 +335,46 @@ pub struct RawRequest {
     pub malformed: Option<String>,
 }
 
-impl RawRequest {
+/// Header lookups of a parsed message ([`RawRequest`], [`RawResponse`]).
+pub trait HasFields {
+    fn field_lines(&self) -> &[Field];
+
     /// Every value of `name`, in order.
-    pub fn values(&self, name: &str) -> Vec<String> {
-        values(&self.fields, name)
+    fn values(&self, name: &str) -> Vec<String> {
+        values(self.field_lines(), name)
             .iter()
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .collect()
     }
 
     /// The value of `name` if it came in exactly one line.
-    pub fn header(&self, name: &str) -> Option<String> {
-        one(&self.fields, name)
+    fn header(&self, name: &str) -> Option<String> {
+        one(self.field_lines(), name)
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        !values(&self.fields, name).is_empty()
+    fn has(&self, name: &str) -> bool {
+        !values(self.field_lines(), name).is_empty()
     }
 
     /// `token` appears in the comma-separated list of some `name` line.
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        has_token(&self.fields, name, token)
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        has_token(self.field_lines(), name, token)
     }
+}
 
+impl HasFields for RawRequest {
+    fn field_lines(&self) -> &[Field] {
+        &self.fields
+    }
+}
+
+impl HasFields for RawResponse {
+    fn field_lines(&self) -> &[Field] {
+        &self.fields
+    }
+}
+
+impl RawRequest {
     /// The head as text (for messages).
     pub fn head_text(&self) -> String {
         let end = self
@@ -525,26 +542,6 @@ impl RawResponse {
     /// 1xx: an interim response; the final one follows.
     pub fn is_interim(&self) -> bool {
         self.status < 200
-    }
-
-    pub fn values(&self, name: &str) -> Vec<String> {
-        values(&self.fields, name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .collect()
-    }
-
-    /// The value of `name` if it came in exactly one line.
-    pub fn header(&self, name: &str) -> Option<String> {
-        one(&self.fields, name)
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        !values(&self.fields, name).is_empty()
-    }
-
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        has_token(&self.fields, name, token)
     }
 
     /// The sender said the connection ends after this response: `Connection: close`, HTTP/1.0
