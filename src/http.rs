@@ -27,8 +27,8 @@ use pingora::prelude::{ErrorSource, ErrorType};
 
 use crate::config::ServerSettings;
 use crate::metrics::UpstreamError;
-use framing::RequestBody;
-use headers::Hop;
+use framing::{RequestBody, ResponseBody};
+use headers::{Hop, MAX_CONNECTION_FIELDS};
 
 /// A request tether answers itself, with this status, instead of forwarding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,9 +93,10 @@ pub fn check_request<'h>(
     }
     let origin_form = target.starts_with('/');
     let scheme = ["http://", "https://"].into_iter().find(|s| {
-        target
-            .get(..s.len())
-            .is_some_and(|t| t.eq_ignore_ascii_case(s))
+        !origin_form
+            && target
+                .get(..s.len())
+                .is_some_and(|t| t.eq_ignore_ascii_case(s))
     });
     let (forward_target, authority) = match scheme {
         _ if origin_form => (target, None),
@@ -125,7 +126,7 @@ pub fn check_request<'h>(
     let (mut hosts, mut host) = (0, &b""[..]);
     let (mut lengths, mut codings) = ([&b""[..]; 2], [&b""[..]; 2]);
     let (mut n_lengths, mut n_codings) = (0, 0);
-    let (mut connection, mut n_connection) = ([&b""[..]; 4], 0);
+    let (mut connection, mut n_connection) = ([&b""[..]; MAX_CONNECTION_FIELDS], 0);
     let mut has_upgrade = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -264,6 +265,74 @@ pub fn parse_response<'b>(
     buf: &'b [u8],
 ) -> httparse::Result<usize> {
     resp.parse(buf)
+}
+
+/// A backend's response head that passed the policy, and what the engine needs to know of it.
+#[derive(Debug)]
+pub struct Response<'h> {
+    pub body: ResponseBody,
+    pub hop: Hop<'h>,
+    /// It has `Set-Cookie` fields (affinity may learn a pin from them).
+    pub set_cookie: bool,
+}
+
+/// Check a parsed final response head (not a 1xx other than 101) in one pass over its fields:
+/// its framing ([`framing::response_body`]), its `Connection` field, and a 101 only to a
+/// request that asked to upgrade (`upgrade`), with an `Upgrade` field. `head`: the request was
+/// HEAD. `Err`: answer 502 and do not reuse the connection.
+pub fn check_response<'h>(
+    resp: &httparse::Response<'_, 'h>,
+    head: bool,
+    upgrade: bool,
+) -> Result<Response<'h>, &'static str> {
+    let status = resp.code.unwrap_or(0);
+    if status == 101 && !upgrade {
+        return Err("101 to a request that did not ask to upgrade");
+    }
+    let (mut lengths, mut codings) = ([&b""[..]; 2], [&b""[..]; 2]);
+    let (mut n_lengths, mut n_codings) = (0, 0);
+    let (mut connection, mut n_connection) = ([&b""[..]; MAX_CONNECTION_FIELDS], 0);
+    let (mut has_upgrade, mut set_cookie) = (false, false);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        match name.len() {
+            7 if name.eq_ignore_ascii_case(b"upgrade") => has_upgrade = true,
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                if n_connection == connection.len() {
+                    return Err("too many Connection fields");
+                }
+                connection[n_connection] = h.value;
+                n_connection += 1;
+            }
+            10 if name.eq_ignore_ascii_case(b"set-cookie") => set_cookie = true,
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                lengths[n_lengths.min(1)] = h.value;
+                n_lengths += 1;
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                codings[n_codings.min(1)] = h.value;
+                n_codings += 1;
+            }
+            _ => {}
+        }
+    }
+    // Two values of either say "more than one" as well as all of them would.
+    let body = framing::response_body(
+        status,
+        head,
+        lengths[..n_lengths.min(2)].iter().copied(),
+        codings[..n_codings.min(2)].iter().copied(),
+    )?;
+    let hop =
+        Hop::of(connection[..n_connection].iter().copied()).ok_or("malformed Connection field")?;
+    if status == 101 && !has_upgrade {
+        return Err("101 without Upgrade");
+    }
+    Ok(Response {
+        body,
+        hop,
+        set_cookie,
+    })
 }
 
 /// A response field value holds no CR or LF (an obs-fold that a lenient parser let through).

@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use crate::affinity::{SessionKey, SidFound, SidSearch};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{BadChunk, ChunkDecoder, ResponseBody};
-use crate::http::headers::{FORWARDED_PROTO, Hop, forwarded_for};
+use crate::http::headers::{FORWARDED_PROTO, forwarded_for};
 use crate::http::{self, ErrorAnswer, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, Request};
 use crate::route::{Outcome, connect_failed, count_upstream_error, insert_cookie, record};
 use crate::state::{Live, State, TunnelGuard};
@@ -256,7 +256,7 @@ fn upstream_request(
             .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
             .map(|h| h.value);
         out.extend_from_slice(b"x-forwarded-for: ");
-        out.extend_from_slice(&forwarded_for(client_values, ip));
+        forwarded_for(&mut out, client_values, ip);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-proto: ");
@@ -534,11 +534,6 @@ impl Exchange<'_> {
                 return Err(Relay::Before(Failed::Protocol("malformed head")));
             }
             let status = resp.code.unwrap_or(0);
-            if status == 101 && !self.upgrade {
-                return Err(Relay::Before(Failed::Protocol(
-                    "101 to a request that did not ask to upgrade",
-                )));
-            }
             if (100..200).contains(&status) && status != 101 {
                 // Informational (103 Early Hints): relayed as is; 100 Continue was not asked for.
                 if status != 100
@@ -554,33 +549,22 @@ impl Exchange<'_> {
                 buf.drain(..head_len);
                 continue;
             }
-            let values = |name: &'static str| {
-                resp.headers
-                    .iter()
-                    .filter(move |h| h.name.eq_ignore_ascii_case(name))
-                    .map(|h| h.value)
-            };
-            let framing = http::framing::response_body(
-                status,
-                self.head,
-                values("content-length"),
-                values("transfer-encoding"),
-            )
-            .map_err(|why| Relay::Before(Failed::Protocol(why)))?;
-            let Some(hop) = Hop::of(values("connection")) else {
-                return Err(Relay::Before(Failed::Protocol(
-                    "malformed Connection field",
-                )));
-            };
-            if status == 101 && values("upgrade").next().is_none() {
-                return Err(Relay::Before(Failed::Protocol("101 without Upgrade")));
-            }
+            let checked = http::check_response(&resp, self.head, self.upgrade)
+                .map_err(|why| Relay::Before(Failed::Protocol(why)))?;
+            let (framing, hop) = (checked.body, checked.hop);
             let backend_close = resp.version != Some(1) || hop.close;
             let keep_client = !self.closing && framing != ResponseBody::UntilClose;
             // Learn pins from the app's Set-Cookie before the client can send its next request.
-            self.state
-                .learn(self.live, values("set-cookie"), b, self.key.map(|k| k.hash))
-                .await;
+            if checked.set_cookie {
+                let set_cookies = resp
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("set-cookie"))
+                    .map(|h| h.value);
+                self.state
+                    .learn(self.live, set_cookies, b, self.key.map(|k| k.hash))
+                    .await;
+            }
             let mut out = Vec::with_capacity(head_len + 256);
             out.extend_from_slice(b"HTTP/1.1 ");
             // httparse gives three digits: always a valid status code.

@@ -337,7 +337,9 @@ impl ProxyHttp for Router {
                 .get_all("x-forwarded-for")
                 .into_iter()
                 .map(|v| v.as_bytes());
-            forwarded_for(values, &ip.to_string())
+            let mut value = Vec::with_capacity(48);
+            forwarded_for(&mut value, values, &ip.to_string());
+            value
         });
         for name in gone {
             upstream_request.remove_header(&name);

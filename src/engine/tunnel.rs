@@ -87,6 +87,13 @@ enum Fail {
 
 impl Half {
     fn new(pending: Vec<u8>) -> Self {
+        // An empty buffer handed over (the front's read buffer) keeps no capacity: an idle
+        // tunnel holds no memory of its own.
+        let pending = if pending.is_empty() {
+            Vec::new()
+        } else {
+            pending
+        };
         Half {
             bytes: pending.len() as u64,
             pending,

@@ -2,27 +2,37 @@
 //! section 7.6.1), `X-Forwarded-For` is appended to and `X-Forwarded-Proto` set. Every engine
 //! asks [`Hop`] field by field; none keeps its own list.
 
-/// Fields that describe one connection, never forwarded (RFC 9110 section 7.6.1, plus the
-/// obsolete `Proxy-Connection` and the credentials meant for tether itself).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "proxy-connection",
-    "proxy-authorization",
-    // RFC 9113 section 3.2.1 (h2c upgrades, which tether does not offer).
-    "http2-settings",
-];
+/// Whether `name` is a field that describes one connection, never forwarded (RFC 9110 section
+/// 7.6.1, plus the obsolete `Proxy-Connection`, the credentials meant for tether itself, and
+/// RFC 9113 section 3.2.1's `HTTP2-Settings` of h2c upgrades, which tether does not offer).
+/// Dispatched on length first: this runs for every field of every message.
+fn hop_by_hop(name: &[u8]) -> bool {
+    let is = |hop: &[u8]| name.eq_ignore_ascii_case(hop);
+    match name.len() {
+        2 => is(b"te"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"http2-settings"),
+        16 => is(b"proxy-connection"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
 
-/// The most field names a `Connection` header may add to the hop-by-hop set; more are refused
-/// by [`Hop::of`]'s caller as a bad request.
+/// The most field names a `Connection` header may add to the hop-by-hop set, and the most
+/// `Connection` field lines a message may have; more are refused by [`Hop::of`] (a bad request,
+/// or a 502 for a response).
 pub const MAX_CONNECTION_TOKENS: usize = 16;
+pub const MAX_CONNECTION_FIELDS: usize = 4;
 
-/// The hop-by-hop decisions for one message: the fields its `Connection` header names.
-#[derive(Debug, Default)]
+/// The hop-by-hop decisions for one message: the fields its `Connection` header names. Small
+/// (it is made for every message): the field values are kept, and read again only when they
+/// name a field other than `close`, `keep-alive` and `upgrade`.
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Hop<'a> {
-    named: [&'a [u8]; MAX_CONNECTION_TOKENS],
-    count: usize,
+    values: [&'a [u8]; MAX_CONNECTION_FIELDS],
+    count: u8,
+    /// A token other than `close`, `keep-alive` and `upgrade` is among them.
+    names_others: bool,
     /// `Connection: close` was among them.
     pub close: bool,
     /// `Connection: keep-alive` was among them (an HTTP/1.0 client asking to keep it open).
@@ -31,17 +41,24 @@ pub struct Hop<'a> {
     pub upgrade: bool,
 }
 
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 impl<'a> Hop<'a> {
-    /// Read the `Connection` field lines `values`. `None`: more than [`MAX_CONNECTION_TOKENS`]
-    /// names, or a name that is not a token.
+    /// Read the `Connection` field lines `values`. `None`: more than [`MAX_CONNECTION_FIELDS`]
+    /// lines, more than [`MAX_CONNECTION_TOKENS`] names, or a name that is not a token.
     pub fn of(values: impl Iterator<Item = &'a [u8]>) -> Option<Hop<'a>> {
         let mut hop = Hop::default();
+        let mut names = 0;
         for v in values {
-            for token in v.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.is_empty() {
-                    continue;
-                }
+            let slot = hop.values.get_mut(usize::from(hop.count))?;
+            *slot = v;
+            hop.count += 1;
+            for token in tokens(v) {
                 if !token.iter().all(|b| super::framing::is_tchar(*b)) {
                     return None;
                 }
@@ -51,21 +68,32 @@ impl<'a> Hop<'a> {
                     hop.keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     hop.upgrade = true;
+                } else {
+                    hop.names_others = true;
                 }
-                if hop.count == MAX_CONNECTION_TOKENS {
+                names += 1;
+                if names > MAX_CONNECTION_TOKENS {
                     return None;
                 }
-                hop.named[hop.count] = token;
-                hop.count += 1;
             }
         }
         Some(hop)
     }
 
-    fn named(&self, name: &str) -> bool {
-        self.named[..self.count]
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    /// `Connection` names field `name`.
+    fn named(&self, name: &[u8]) -> bool {
+        let named = |t: &[u8]| t.eq_ignore_ascii_case(name);
+        match name.len() {
+            5 if named(b"close") => self.close,
+            7 if named(b"upgrade") => self.upgrade,
+            10 if named(b"keep-alive") => self.keep_alive,
+            _ => {
+                self.names_others
+                    && self.values[..usize::from(self.count)]
+                        .iter()
+                        .any(|v| tokens(v).any(named))
+            }
+        }
     }
 
     /// Whether request field `name` goes to the backend. `upgrade`: the request is a real
@@ -74,33 +102,28 @@ impl<'a> Hop<'a> {
     /// it). `X-Forwarded-For` and `-Proto` are rewritten by [`forwarded_for`] and
     /// [`FORWARDED_PROTO`]; `Expect` is answered by tether (see [`super::Request`]).
     pub fn request_keeps(&self, name: &str, upgrade: bool, host: bool) -> bool {
-        if !host && name.eq_ignore_ascii_case("host") {
-            return false;
-        }
-        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || name.eq_ignore_ascii_case("x-forwarded-for")
-            || name.eq_ignore_ascii_case("x-forwarded-proto")
-            || name.eq_ignore_ascii_case("expect")
-        {
-            return false;
-        }
-        if name.eq_ignore_ascii_case("upgrade") {
-            return upgrade;
-        }
-        !self.named(name)
+        let name = name.as_bytes();
+        let is = |field: &[u8]| name.eq_ignore_ascii_case(field);
+        let keeps = match name.len() {
+            4 if is(b"host") => host,
+            6 if is(b"expect") => false,
+            7 if is(b"upgrade") => return upgrade,
+            15 if is(b"x-forwarded-for") => false,
+            17 if is(b"x-forwarded-proto") => false,
+            _ => !hop_by_hop(name),
+        };
+        keeps && !self.named(name)
     }
 
     /// Whether response field `name` goes to the client. The engine writes its own
     /// `Connection`; `Upgrade` stays on a 101 (and on 426, which names what to upgrade to).
     /// Framing fields are the engine's business (relayed as they are, or re-encoded).
     pub fn response_keeps(&self, name: &str, status: u16) -> bool {
-        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) {
-            return false;
-        }
-        if name.eq_ignore_ascii_case("upgrade") {
+        let name = name.as_bytes();
+        if name.len() == 7 && name.eq_ignore_ascii_case(b"upgrade") {
             return status == 101 || status == 426;
         }
-        !self.named(name)
+        !hop_by_hop(name) && !self.named(name)
     }
 }
 
@@ -108,26 +131,26 @@ impl<'a> Hop<'a> {
 /// client cannot claim otherwise.
 pub const FORWARDED_PROTO: &str = "http";
 
-/// The `X-Forwarded-For` value for a backend: the client's values (folded, in order), then the
-/// peer address, as NGINX's `$proxy_add_x_forwarded_for`.
-pub fn forwarded_for<'a>(client_values: impl Iterator<Item = &'a [u8]>, peer: &str) -> Vec<u8> {
-    let mut value = Vec::with_capacity(48);
+/// Write the `X-Forwarded-For` value for a backend to `out`: the client's values (folded, in
+/// order), then the peer address, as NGINX's `$proxy_add_x_forwarded_for`.
+pub fn forwarded_for<'a>(
+    out: &mut Vec<u8>,
+    client_values: impl Iterator<Item = &'a [u8]>,
+    peer: &str,
+) {
     for v in client_values {
-        value.extend_from_slice(v);
-        value.extend_from_slice(b", ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
     }
-    value.extend_from_slice(peer.as_bytes());
-    value
+    out.extend_from_slice(peer.as_bytes());
 }
+
+const HOST_CHAR: [bool; 256] = super::framing::byte_class(true, b"-._~!$&'()*+,;=:[]%");
 
 /// A `Host` value that names a host: `host[:port]` with a registered name or an IP literal, no
 /// user information (`user@host`), no path, no whitespace (NGINX refuses those with 400).
 pub fn valid_host(value: &[u8]) -> bool {
-    !value.is_empty()
-        && value
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
-        && value[0] != b'.'
+    !value.is_empty() && value.iter().all(|&b| HOST_CHAR[usize::from(b)]) && value[0] != b'.'
 }
 
 #[cfg(test)]
@@ -144,6 +167,7 @@ mod tests {
             "TE",
             "Proxy-Connection",
             "Proxy-Authorization",
+            "HTTP2-Settings",
             "x-foo",
             "Upgrade",
             "X-Forwarded-For",
@@ -168,6 +192,10 @@ mod tests {
         assert!(Hop::of([&b"close, a b"[..]].into_iter()).is_none());
         let many = b"a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q";
         assert!(Hop::of([&many[..]].into_iter()).is_none());
+        assert!(Hop::of([&many[2..]].into_iter()).is_some());
+        assert!(Hop::of([&b"a"[..]; MAX_CONNECTION_FIELDS + 1].into_iter()).is_none());
+        let four = Hop::of([&b"a"[..], b"b", b"c", b"Close"].into_iter()).unwrap();
+        assert!(four.close && !four.request_keeps("C", false, true));
         assert!(Hop::of([&b"upgrade,,"[..]].into_iter()).unwrap().upgrade);
     }
 
@@ -189,9 +217,14 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_the_peer() {
-        assert_eq!(forwarded_for(std::iter::empty(), "1.2.3.4"), b"1.2.3.4");
+        let value = |client: &[&'static [u8]]| {
+            let mut out = Vec::new();
+            forwarded_for(&mut out, client.iter().copied(), "1.2.3.4");
+            out
+        };
+        assert_eq!(value(&[]), b"1.2.3.4");
         assert_eq!(
-            forwarded_for([&b"9.9.9.9"[..], b"8.8.8.8"].into_iter(), "1.2.3.4"),
+            value(&[b"9.9.9.9", b"8.8.8.8"]),
             b"9.9.9.9, 8.8.8.8, 1.2.3.4"
         );
     }
