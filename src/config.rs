@@ -9,6 +9,7 @@
 //! This module owns the file and the environment; `main` owns the command line.
 
 use std::fmt;
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -474,13 +475,15 @@ impl fmt::Display for ConfigError {
 impl Config {
     /// Read, parse and validate `path`, applying the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_path_buf(),
-            diagnostics: vec![Diagnostic {
-                position: None,
-                message: format!("cannot read the file: {e}"),
-            }],
-        })?;
+        let text = read_file_capped(path, MAX_CONFIG_FILE)
+            .and_then(|b| String::from_utf8(b).map_err(|_| io::Error::other("it is not UTF-8")))
+            .map_err(|e| ConfigError {
+                path: path.to_path_buf(),
+                diagnostics: vec![Diagnostic {
+                    position: None,
+                    message: format!("cannot read the file: {e}"),
+                }],
+            })?;
         Config::parse(path, &text, &EnvOverrides::from_process_env())
     }
 
@@ -1398,6 +1401,29 @@ fn validate_redis(
     })
 }
 
+/// The most a config file, or a PEM file it names, may hold: far more than any real one.
+const MAX_CONFIG_FILE: u64 = 4 << 20;
+const MAX_PEM_FILE: u64 = 4 << 20;
+
+/// Read a regular file of at most `limit` bytes. A device, a FIFO or a directory is refused
+/// before it is read (`/dev/zero` would never end, a FIFO would wait for a writer).
+pub(crate) fn read_file_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("it is not a regular file"));
+    }
+    let mut out = Vec::new();
+    file.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(io::Error::other(format!(
+            "it is larger than {} MiB",
+            limit >> 20
+        )));
+    }
+    Ok(out)
+}
+
 /// Read and check `[redis] ca_file`: it must exist, hold at least one PEM certificate, and each
 /// must be usable as a trust anchor. Only meaningful with `rediss://`.
 fn validate_ca_file(
@@ -1414,7 +1440,7 @@ fn validate_ca_file(
         return None;
     }
     let path = dir.join(f.get_ref());
-    let pem = match std::fs::read(&path) {
+    let pem = match read_file_capped(&path, MAX_PEM_FILE) {
         Ok(b) => b,
         Err(e) => {
             d.at(
@@ -1551,6 +1577,10 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         return Err(format!(
             "`{text}` has no port: write host:port, e.g. 127.0.0.1:3000"
         ));
+    }
+    // The fuzzer (fuzz/) parses millions of configs: no name lookups there.
+    if cfg!(fuzzing) {
+        return Err(format!("`{text}`: names are not resolved while fuzzing"));
     }
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
@@ -1758,6 +1788,18 @@ address = "127.0.0.1:3001"
             e.contains("t.toml:15:11: `ca_file` applies to TLS only"),
             "{e}"
         );
+        // A device never ends, a directory is no file: refused before a byte is read.
+        for special in ["/dev/zero", "/"] {
+            let e = check(&format!("url = \"rediss://h/\"\nca_file = \"{special}\"\n"));
+            assert!(e.contains("it is not a regular file"), "{e}");
+        }
+        std::fs::write(
+            dir.join("huge.pem"),
+            vec![b'a'; (MAX_PEM_FILE + 1) as usize],
+        )
+        .unwrap();
+        let e = check("url = \"rediss://h/\"\nca_file = \"huge.pem\"\n");
+        assert!(e.contains("it is larger than 4 MiB"), "{e}");
     }
 
     #[test]
