@@ -477,7 +477,7 @@ mod tests {
             .then(|| InsertSettings {
                 cookie: "tether".into(),
                 secrets: vec![Secret::new(b"0123456789abcdef-secret".to_vec())],
-                secure: false,
+                secure: Some(false),
                 same_site: SameSite::Lax,
                 http_only: true,
                 max_age: None,
@@ -609,7 +609,10 @@ mod tests {
         let Some(InsertKey::Minted { raw }) = &minted.insert else {
             panic!("expected a minted key")
         };
-        let set_cookie = e.insert_cookies().unwrap().set_cookie(raw.as_bytes(), "b1");
+        let set_cookie = e
+            .insert_cookies()
+            .unwrap()
+            .set_cookie(raw.as_bytes(), "b1", false);
         let value = set_cookie.split(';').next().unwrap().to_string();
         let back = e.extract(&headers(&[("cookie", value.as_bytes())]), None, None);
         let key = back.key.unwrap();
@@ -631,10 +634,10 @@ mod tests {
 
     /// The cookie header for `key` signed by `e`'s first secret at `issued`.
     fn insert_cookie(e: &Extractor, key: &str, backend: &str, issued: u64) -> String {
-        let set_cookie = e
-            .insert_cookies()
-            .unwrap()
-            .set_cookie_at(key.as_bytes(), backend, issued);
+        let set_cookie =
+            e.insert_cookies()
+                .unwrap()
+                .set_cookie_at(key.as_bytes(), backend, issued, false);
         set_cookie.split(';').next().unwrap().to_string()
     }
 

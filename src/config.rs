@@ -104,6 +104,18 @@ pub struct Config {
     /// `None`: no active health checks (passive ejection only).
     pub health: Option<HealthSettings>,
     pub backends: Vec<BackendSettings>,
+    /// `None`: no TLS listener.
+    pub tls: Option<TlsSettings>,
+    /// Not errors, but worth saying (`tether check` prints them, start-up and reload log them):
+    /// a certificate expiring soon.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// `[tls]`: the certificates of every TLS listener (`[server] listen_tls`), chosen by SNI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// The first is the default, for a client without SNI or naming a host no other serves.
+    pub certs: Vec<crate::tls::Certificate>,
 }
 
 /// Active HTTP health checks, the same for every backend.
@@ -124,7 +136,13 @@ pub struct HealthSettings {
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
+    /// Plain HTTP listeners.
     pub listen: Vec<SocketAddr>,
+    /// TLS listeners (the certificates of [`TlsSettings`]; HTTP/2 and HTTP/1.1 by ALPN).
+    pub listen_tls: Vec<SocketAddr>,
+    /// Plain HTTP listeners that answer every request with a redirect to HTTPS (but ACME
+    /// challenges, which are proxied: [`crate::http::redirects`]).
+    pub listen_redirect: Vec<SocketAddr>,
     pub threads: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
@@ -282,7 +300,9 @@ pub struct InsertSettings {
     pub cookie: String,
     /// The first signs; all verify.
     pub secrets: Vec<Secret>,
-    pub secure: bool,
+    /// `Some(true)`: always `Secure`; `Some(false)`: never; `None` (the default): `Secure` on
+    /// responses to requests that came over TLS (`listen_tls`), not on plain HTTP.
+    pub secure: Option<bool>,
     pub same_site: SameSite,
     pub http_only: bool,
     pub max_age: Option<Duration>,
@@ -492,6 +512,7 @@ impl Config {
         let mut diags = Diags {
             text,
             list: Vec::new(),
+            warnings: Vec::new(),
         };
         let parsed: Option<file::FileConfig> = match toml::from_str(text) {
             Ok(f) => Some(f),
@@ -521,9 +542,18 @@ impl Config {
 struct Diags<'a> {
     text: &'a str,
     list: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Diags<'_> {
+    fn warn_at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let position = Some(line_col(self.text, span.start));
+        self.warnings.push(Diagnostic {
+            position,
+            message: message.into(),
+        });
+    }
+
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let position = Some(line_col(self.text, span.start));
         self.list.push(Diagnostic {
@@ -596,6 +626,20 @@ mod file {
         pub redis: Option<Spanned<Redis>>,
         pub health: Option<Spanned<Health>>,
         pub backend: Option<Vec<Spanned<Backend>>>,
+        pub tls: Option<Spanned<Tls>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub certs: Option<Spanned<Vec<Spanned<CertPair>>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CertPair {
+        pub cert: Spanned<String>,
+        pub key: Spanned<String>,
     }
 
     #[derive(Deserialize)]
@@ -614,6 +658,8 @@ mod file {
     #[serde(deny_unknown_fields)]
     pub struct Server {
         pub listen: Option<Vec<Spanned<String>>>,
+        pub listen_tls: Option<Vec<Spanned<String>>>,
+        pub listen_redirect: Option<Vec<Spanned<String>>>,
         pub threads: Option<Spanned<u64>>,
         pub grace_period_secs: Option<Spanned<u64>>,
         pub graceful_shutdown_timeout_secs: Option<Spanned<u64>>,
@@ -695,6 +741,7 @@ fn validate(f: file::FileConfig, env: &EnvOverrides, dir: &Path, d: &mut Diags) 
     let affinity = validate_affinity(f.affinity, env, redis.is_some(), d);
     let health = f.health.and_then(|h| validate_health(h, d));
     let backends = validate_backends(f.backend, d);
+    let tls = validate_tls(f.tls, server.as_ref(), dir, d);
     Some(Config {
         server: server?,
         admin: admin?,
@@ -703,7 +750,66 @@ fn validate(f: file::FileConfig, env: &EnvOverrides, dir: &Path, d: &mut Diags) 
         redis,
         health,
         backends: backends?,
+        tls,
+        warnings: std::mem::take(&mut d.warnings),
     })
+}
+
+fn validate_tls(
+    t: Option<Spanned<file::Tls>>,
+    server: Option<&ServerSettings>,
+    dir: &Path,
+    d: &mut Diags,
+) -> Option<TlsSettings> {
+    let listeners = server.is_some_and(|s| !s.listen_tls.is_empty());
+    let Some(t) = t else {
+        if listeners {
+            d.top("`[server] listen_tls` needs a [tls] section with `certs`");
+        }
+        return None;
+    };
+    let span = t.span();
+    let t = t.into_inner();
+    let Some(list) = t.certs.filter(|l| !l.get_ref().is_empty()) else {
+        d.at(
+            span,
+            "[tls] needs `certs = [{ cert = \"cert.pem\", key = \"key.pem\" }]`",
+        );
+        return None;
+    };
+    if server.is_some() && !listeners {
+        d.at(
+            list.span(),
+            "[tls] has certificates but no listener uses them: add `listen_tls` to [server]",
+        );
+    }
+    let now = crate::tls::unix_now();
+    let mut certs = Vec::new();
+    for pair in list.into_inner() {
+        let pair = pair.into_inner();
+        let cert_path = dir.join(pair.cert.get_ref());
+        let key_path = dir.join(pair.key.get_ref());
+        match crate::tls::load(&cert_path, &key_path, now) {
+            Ok((cert, warning)) => {
+                if let Some(w) = warning {
+                    d.warn_at(pair.cert.span(), w);
+                }
+                certs.push(cert);
+            }
+            Err(e) => {
+                let span = if e.in_key {
+                    pair.key.span()
+                } else {
+                    pair.cert.span()
+                };
+                d.at(
+                    span,
+                    format!("{} (relative paths are relative to this file)", e.message),
+                );
+            }
+        }
+    }
+    (!certs.is_empty()).then_some(TlsSettings { certs })
 }
 
 fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<ServerSettings> {
@@ -714,31 +820,48 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
     let span = s.span();
     let s = s.into_inner();
     let mut listen = Vec::new();
-    match &s.listen {
-        None => d.at(
-            span.clone(),
-            "[server] needs `listen`, e.g. listen = [\"0.0.0.0:8080\"]",
-        ),
-        Some(list) if list.is_empty() => {
-            d.at(span.clone(), "`listen` is empty: give at least one address")
+    let mut listen_tls = Vec::new();
+    let mut listen_redirect = Vec::new();
+    let mut every: Vec<SocketAddr> = Vec::new();
+    for (name, list, out) in [
+        ("listen", &s.listen, &mut listen),
+        ("listen_tls", &s.listen_tls, &mut listen_tls),
+        ("listen_redirect", &s.listen_redirect, &mut listen_redirect),
+    ] {
+        if list.as_ref().is_some_and(|l| l.is_empty()) {
+            d.at(
+                span.clone(),
+                format!("`{name}` is empty: give at least one address, or leave it out"),
+            );
         }
-        Some(list) => {
-            for a in list {
-                match a.get_ref().parse::<SocketAddr>() {
-                    Ok(addr) if listen.contains(&addr) => {
-                        d.at(a.span(), format!("`{addr}` is listed twice in `listen`"))
-                    }
-                    Ok(addr) => listen.push(addr),
-                    Err(_) => d.at(
-                        a.span(),
-                        format!(
-                            "`{}` is not an IP:port address (e.g. 0.0.0.0:8080 or [::]:8080)",
-                            a.get_ref()
-                        ),
-                    ),
+        for a in list.iter().flatten() {
+            match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) if out.contains(&addr) => {
+                    d.at(a.span(), format!("`{addr}` is listed twice in `{name}`"))
                 }
+                Ok(addr) if every.contains(&addr) => d.at(
+                    a.span(),
+                    format!("`{addr}` is in two of `listen`, `listen_tls` and `listen_redirect`"),
+                ),
+                Ok(addr) => {
+                    every.push(addr);
+                    out.push(addr)
+                }
+                Err(_) => d.at(
+                    a.span(),
+                    format!(
+                        "`{}` is not an IP:port address (e.g. 0.0.0.0:8080 or [::]:8080)",
+                        a.get_ref()
+                    ),
+                ),
             }
         }
+    }
+    if s.listen.is_none() && s.listen_tls.is_none() && s.listen_redirect.is_none() {
+        d.at(
+            span.clone(),
+            "[server] needs `listen` (plain HTTP) or `listen_tls` (TLS), e.g. listen = [\"0.0.0.0:8080\"]",
+        );
     }
     let threads = d.range(&s.threads, "threads", DEFAULT_THREADS, 1, 256) as usize;
     let grace = d.range(
@@ -817,8 +940,10 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
             }
         },
     };
-    (!listen.is_empty()).then(|| ServerSettings {
+    (!every.is_empty()).then(|| ServerSettings {
         listen,
+        listen_tls,
+        listen_redirect,
         threads,
         grace_period: Duration::from_secs(grace),
         graceful_shutdown_timeout: Duration::from_secs(shutdown),
@@ -880,10 +1005,11 @@ fn validate_admin(
             .expect("default admin address parses"),
         Some(s) => match s.get_ref().parse::<SocketAddr>() {
             Ok(addr) => {
-                if server
-                    .as_ref()
-                    .is_some_and(|srv| srv.listen.contains(&addr))
-                {
+                if server.as_ref().is_some_and(|srv| {
+                    srv.listen.contains(&addr)
+                        || srv.listen_tls.contains(&addr)
+                        || srv.listen_redirect.contains(&addr)
+                }) {
                     d.at(
                         s.span(),
                         format!("admin `listen` {addr} is also a proxy listen address"),
@@ -1278,13 +1404,13 @@ fn validate_insert(
         );
         ok = false;
     }
-    let secure = i.as_ref().and_then(|i| i.secure).unwrap_or(false);
+    let secure = i.as_ref().and_then(|i| i.secure);
     let same_site = match i.as_ref().and_then(|i| i.same_site.as_ref()) {
         None => SameSite::Lax,
         Some(s) => match s.get_ref().to_ascii_lowercase().as_str() {
             "lax" => SameSite::Lax,
             "strict" => SameSite::Strict,
-            "none" if secure => SameSite::None,
+            "none" if secure == Some(true) => SameSite::None,
             "none" => {
                 d.at(
                     s.span(),
@@ -1800,6 +1926,40 @@ address = "127.0.0.1:3001"
         .unwrap();
         let e = check("url = \"rediss://h/\"\nca_file = \"huge.pem\"\n");
         assert!(e.contains("it is larger than 4 MiB"), "{e}");
+    }
+
+    #[test]
+    fn tls_listeners_need_certificates_and_certificates_need_a_listener() {
+        let e = errors(&BASE.replace(
+            "listen = [\"127.0.0.1:8080\"]",
+            "listen = [\"127.0.0.1:8080\"]\nlisten_tls = [\"127.0.0.1:8080\"]",
+        ));
+        assert!(
+            e.contains("t.toml:4:15: `127.0.0.1:8080` is in two of"),
+            "{e}"
+        );
+        let e = errors(&BASE.replace(
+            "listen = [\"127.0.0.1:8080\"]",
+            "listen_tls = [\"127.0.0.1:8443\"]\nlisten_redirect = [\"127.0.0.1:8443\"]",
+        ));
+        assert!(
+            e.contains("t.toml:4:20: `127.0.0.1:8443` is in two of"),
+            "{e}"
+        );
+        assert!(
+            e.contains("`[server] listen_tls` needs a [tls] section"),
+            "{e}"
+        );
+        let e = errors(&format!(
+            "{BASE}\n[tls]\ncerts = [{{ cert = \"c.pem\", key = \"k.pem\" }}]\n"
+        ));
+        assert!(e.contains("no listener uses them"), "{e}");
+        assert!(e.contains("cannot read"), "{e}");
+        let e = errors(&format!("{BASE}\n[tls]\ncerts = []\n"));
+        assert!(e.contains("[tls] needs `certs"), "{e}");
+        let only_tls = BASE.replace("listen = ", "listen_tls = ");
+        let e = errors(&only_tls);
+        assert!(!e.contains("needs `listen`"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP/1 engines and the front that gives each request to one of them.
 //!
-//! [`Front`] owns every client connection: it reads each request head (within
+//! [`Front`] owns every client connection, plain or HTTP/1.1 over TLS (an HTTP/2 connection,
+//! chosen by ALPN, goes to Pingora's proxy whole): it reads each request head (within
 //! `client_header_timeout`, plus the keep-alive idle time on a reused connection, and a short
 //! grace once tether is stopping), parses it strictly and checks it against the policy
 //! ([`crate::http::check_request`]): a refused request gets tether's own error answer and the
@@ -8,8 +9,8 @@
 //! - [`lean`]: HTTP/1.1 requests without a body (plain requests, WebSocket upgrades and their
 //!   [`tunnel`]s, Engine.IO handshakes), the common case, on tether's lean engine;
 //! - [`pingora`]: requests with a body, and HTTP/1.0 (and with `[server] engine = "pingora"`,
-//!   every plain request), on Pingora's proxy, with the bytes already read
-//!   put back in front of the socket; the connection comes back here for its next request.
+//!   every plain request), on Pingora's proxy, through a [`BodyFence`] that hands it the bytes
+//!   already read first; the connection comes back here for its next request.
 //!
 //! The engines share the routing core ([`crate::route`]) and the policy ([`crate::http`]); neither
 //! imports the other.
@@ -25,8 +26,7 @@ use std::sync::atomic::Ordering;
 
 use ::pingora::apps::{HttpServerApp, ServerApp};
 use ::pingora::protocols::http::ServerSession;
-use ::pingora::protocols::l4::stream::Stream as L4Stream;
-use ::pingora::protocols::{GetSocketDigest, Stream};
+use ::pingora::protocols::{ALPN, Stream};
 use ::pingora::proxy::HttpProxy;
 use ::pingora::server::ShutdownWatch;
 use async_trait::async_trait;
@@ -71,7 +71,12 @@ enum Next {
 
 /// One client connection.
 struct Client {
-    stream: Box<L4Stream>,
+    /// A plain socket, or TLS over one (HTTP/1.1 by ALPN, or no ALPN).
+    stream: Stream,
+    /// The client came over TLS.
+    tls: bool,
+    /// It came to a `listen_redirect` listener: requests are redirected to HTTPS.
+    redirect: bool,
     /// Bytes read and not yet consumed: the head being parsed, then any pipelined request.
     buf: Vec<u8>,
     peer_ip: Option<IpAddr>,
@@ -89,19 +94,35 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if !stream.as_any().is::<L4Stream>() {
-            // Not a plain socket (tether listens on TCP only): Pingora's proxy serves it.
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            // HTTP/2 (a TLS listener, by ALPN): Pingora's proxy serves its streams.
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let stream = stream
-            .into_any()
-            .downcast::<L4Stream>()
-            .expect("checked to be a plain stream");
-        let peer_ip = stream
-            .get_socket_digest()
+        let tls = stream.get_ssl_digest().is_some();
+        let digest = stream.get_socket_digest();
+        let peer_ip = digest
+            .as_ref()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // A redirect listener is told apart by the local address (a getsockname per
+        // connection, only when there are redirect listeners).
+        let redirect = !tls && {
+            let live = self.state.live();
+            let redirects = &live.config.server.listen_redirect;
+            !redirects.is_empty()
+                && digest
+                    .as_ref()
+                    .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+                    .is_some_and(|a| {
+                        // A listener on 0.0.0.0 or [::] sees the address the client connected to.
+                        redirects.iter().any(|r| {
+                            r.port() == a.port() && (r.ip() == a.ip() || r.ip().is_unspecified())
+                        })
+                    })
+        };
         let mut client = Client {
             stream,
+            tls,
+            redirect,
             buf: Vec::new(),
             peer_ip,
             peer_text: peer_ip.map(|ip| ip.to_string().into_boxed_str()),
@@ -113,9 +134,9 @@ impl ServerApp for Front {
                 Next::KeepAlive => client.reused = true,
                 Next::Close => return None,
                 Next::Pingora { head_len, body } => {
-                    let buf = std::mem::take(&mut client.buf);
+                    let read = std::mem::take(&mut client.buf);
                     let (stream, rest) = self
-                        .pingora(client.stream, &buf, head_len, body, shutdown)
+                        .pingora(client.stream, read, head_len, body, shutdown)
                         .await?;
                     client.stream = stream;
                     // A pipelined request the fence kept from Pingora: the front reads it next.
@@ -143,14 +164,13 @@ impl Front {
     /// back if it stays open, with what the fence kept.
     async fn pingora(
         &self,
-        mut stream: Box<L4Stream>,
-        read: &[u8],
+        stream: Stream,
+        read: Vec<u8>,
         head_len: usize,
         body: RequestBody,
         shutdown: &ShutdownWatch,
-    ) -> Option<(Box<L4Stream>, Vec<u8>)> {
-        stream.rewind(read);
-        let io: Stream = Box::new(BodyFence::new(stream, head_len, body));
+    ) -> Option<(Stream, Vec<u8>)> {
+        let io: Stream = Box::new(BodyFence::new(stream, read, head_len, body));
         let mut session = ServerSession::new_http1(io);
         // As Pingora's own accept path does: its request filter then bounds the idle time.
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
@@ -232,6 +252,10 @@ impl Front {
             Ok(r) => r,
             Err(r) => return self.refuse(c, r).await,
         };
+        if c.redirect && http::redirects(checked.target) {
+            let answer = redirect_answer(&req, &checked, server, *c.shutdown.borrow());
+            return self.redirect(c, answer, head_len).await;
+        }
         let query = checked.target.split_once('?').map(|(_, q)| q);
         let engine_io = live
             .engine_io_source
@@ -255,6 +279,7 @@ impl Front {
             closing,
             peer: c.peer_ip,
             peer_text: c.peer_text.as_deref(),
+            tls: c.tls,
             engine_io,
         };
         let done = lean::serve(job, &mut c.stream).await;
@@ -271,6 +296,25 @@ impl Front {
         }
     }
 
+    /// Send a redirect listener's answer ([`redirect_answer`]).
+    async fn redirect(
+        &self,
+        c: &mut Client,
+        answer: Result<(Vec<u8>, bool), Refusal>,
+        head_len: usize,
+    ) -> Next {
+        let (bytes, close) = match answer {
+            Ok(a) => a,
+            Err(refusal) => return self.refuse(c, refusal).await,
+        };
+        crate::route::count_unrouted(308);
+        if lean::write_flush(&mut c.stream, &bytes).await.is_err() || close {
+            return Next::Close;
+        }
+        c.buf.drain(..head_len);
+        Next::KeepAlive
+    }
+
     /// Answer a refused request head and close the connection.
     async fn refuse(&self, c: &mut Client, refusal: Refusal) -> Next {
         debug!(
@@ -283,6 +327,35 @@ impl Front {
         lean::write_error_answer(&mut c.stream, refusal.status, head).await;
         Next::Close
     }
+}
+
+/// A redirect listener's answer to a request: tether's redirect to HTTPS
+/// ([`http::https_redirect`]) on the first TLS listener's port, and whether the connection
+/// closes after it (a request with a body, which is not read, or one that asked to close).
+fn redirect_answer(
+    req: &httparse::Request<'_, '_>,
+    checked: &http::Request<'_>,
+    server: &crate::config::ServerSettings,
+    stopping: bool,
+) -> Result<(Vec<u8>, bool), Refusal> {
+    let host = checked.authority.or_else(|| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value.trim_ascii()).ok())
+    });
+    let host = host.ok_or(Refusal::bad_request("no Host to redirect to"))?;
+    let port = server.listen_tls.first().map_or(443, |a| a.port());
+    let close = checked.close || checked.body != RequestBody::None || stopping;
+    let date = ::pingora::protocols::http::date::get_cached_date();
+    let bytes = http::https_redirect(
+        host,
+        checked.target,
+        port,
+        date.to_str().unwrap_or(""),
+        close,
+    );
+    Ok((bytes, close))
 }
 
 /// Read more client bytes into the buffer before `deadline`. `Ok(false)`: the client closed, the

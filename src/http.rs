@@ -124,12 +124,13 @@ pub fn check_request<'h>(
     };
     // One pass over the fields for everything the policy looks at (this runs per request).
     let (mut hosts, mut host) = (0, &b""[..]);
-    let (mut lengths, mut codings) = ([&b""[..]; 2], [&b""[..]; 2]);
-    let (mut n_lengths, mut n_codings) = (0, 0);
-    let (mut connection, mut n_connection) = ([&b""[..]; MAX_CONNECTION_FIELDS], 0);
+    let mut fields = FramingFields::default();
     let mut has_upgrade = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        if fields.take(name, h.value) {
+            continue;
+        }
         // Dispatch on length first: most fields are none of these.
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => {
@@ -145,21 +146,6 @@ pub fn check_request<'h>(
             7 if name.eq_ignore_ascii_case(b"upgrade") => {
                 has_upgrade = !h.value.trim_ascii().eq_ignore_ascii_case(b"h2c");
             }
-            10 if name.eq_ignore_ascii_case(b"connection") => {
-                if n_connection == connection.len() {
-                    return Err(Refusal::bad_request("too many Connection fields"));
-                }
-                connection[n_connection] = h.value;
-                n_connection += 1;
-            }
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                lengths[n_lengths.min(1)] = h.value;
-                n_lengths += 1;
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                codings[n_codings.min(1)] = h.value;
-                n_codings += 1;
-            }
             _ => {}
         }
     }
@@ -174,16 +160,13 @@ pub fn check_request<'h>(
         1 => {}
         _ => return Err(Refusal::bad_request("more than one Host field")),
     }
-    let body = framing::request_body(
-        lengths[..n_lengths.min(2)].iter().copied(),
-        codings[..n_codings.min(2)].iter().copied(),
-    )?;
+    let body = framing::request_body(fields.lengths(), fields.codings())?;
     if http10 && body == RequestBody::Chunked {
         return Err(Refusal::bad_request(
             "chunked request body from an HTTP/1.0 client",
         ));
     }
-    let hop = Hop::of(connection[..n_connection].iter().copied())
+    let hop = Hop::of(fields.connection().map_err(Refusal::bad_request)?)
         .ok_or(Refusal::bad_request("Connection is not a short token list"))?;
     let upgrade = hop.upgrade && !http10 && body == RequestBody::None && has_upgrade;
     Ok(Request {
@@ -267,6 +250,62 @@ pub fn parse_response<'b>(
     resp.parse(buf)
 }
 
+/// The fields framing and hop-by-hop decisions read (`Content-Length`, `Transfer-Encoding`,
+/// `Connection`), gathered in the one pass over a message's fields that [`check_request`] and
+/// [`check_response`] make.
+#[derive(Default)]
+struct FramingFields<'h> {
+    /// Two values of either say "more than one" as well as all of them would.
+    lengths: [&'h [u8]; 2],
+    n_lengths: usize,
+    codings: [&'h [u8]; 2],
+    n_codings: usize,
+    connection: [&'h [u8]; MAX_CONNECTION_FIELDS],
+    n_connection: usize,
+}
+
+impl<'h> FramingFields<'h> {
+    /// Keep field `name: value` if it is one of these (`true`). More `Connection` lines than
+    /// [`MAX_CONNECTION_FIELDS`] are counted, and refused by [`FramingFields::connection`].
+    #[inline(always)]
+    fn take(&mut self, name: &[u8], value: &'h [u8]) -> bool {
+        match name.len() {
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                if let Some(slot) = self.connection.get_mut(self.n_connection) {
+                    *slot = value;
+                }
+                self.n_connection += 1;
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                self.lengths[self.n_lengths.min(1)] = value;
+                self.n_lengths += 1;
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                self.codings[self.n_codings.min(1)] = value;
+                self.n_codings += 1;
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn lengths(&self) -> impl Iterator<Item = &'h [u8]> + Clone + '_ {
+        self.lengths[..self.n_lengths.min(2)].iter().copied()
+    }
+
+    fn codings(&self) -> impl Iterator<Item = &'h [u8]> + Clone + '_ {
+        self.codings[..self.n_codings.min(2)].iter().copied()
+    }
+
+    /// The `Connection` values; `Err` when there were too many lines.
+    fn connection(&self) -> Result<impl Iterator<Item = &'h [u8]> + '_, &'static str> {
+        match self.connection.get(..self.n_connection) {
+            Some(values) => Ok(values.iter().copied()),
+            None => Err("too many Connection fields"),
+        }
+    }
+}
+
 /// A backend's response head that passed the policy, and what the engine needs to know of it.
 #[derive(Debug)]
 pub struct Response<'h> {
@@ -289,42 +328,21 @@ pub fn check_response<'h>(
     if status == 101 && !upgrade {
         return Err("101 to a request that did not ask to upgrade");
     }
-    let (mut lengths, mut codings) = ([&b""[..]; 2], [&b""[..]; 2]);
-    let (mut n_lengths, mut n_codings) = (0, 0);
-    let (mut connection, mut n_connection) = ([&b""[..]; MAX_CONNECTION_FIELDS], 0);
+    let mut fields = FramingFields::default();
     let (mut has_upgrade, mut set_cookie) = (false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        if fields.take(name, h.value) {
+            continue;
+        }
         match name.len() {
             7 if name.eq_ignore_ascii_case(b"upgrade") => has_upgrade = true,
-            10 if name.eq_ignore_ascii_case(b"connection") => {
-                if n_connection == connection.len() {
-                    return Err("too many Connection fields");
-                }
-                connection[n_connection] = h.value;
-                n_connection += 1;
-            }
             10 if name.eq_ignore_ascii_case(b"set-cookie") => set_cookie = true,
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                lengths[n_lengths.min(1)] = h.value;
-                n_lengths += 1;
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                codings[n_codings.min(1)] = h.value;
-                n_codings += 1;
-            }
             _ => {}
         }
     }
-    // Two values of either say "more than one" as well as all of them would.
-    let body = framing::response_body(
-        status,
-        head,
-        lengths[..n_lengths.min(2)].iter().copied(),
-        codings[..n_codings.min(2)].iter().copied(),
-    )?;
-    let hop =
-        Hop::of(connection[..n_connection].iter().copied()).ok_or("malformed Connection field")?;
+    let body = framing::response_body(status, head, fields.lengths(), fields.codings())?;
+    let hop = Hop::of(fields.connection()?).ok_or("malformed Connection field")?;
     if status == 101 && !has_upgrade {
         return Err("101 without Upgrade");
     }
@@ -451,6 +469,39 @@ impl ErrorAnswer {
     }
 }
 
+/// Requests to a `listen_redirect` listener under this prefix are proxied, not redirected: an
+/// ACME client answering HTTP-01 challenges (RFC 8555 section 8.3) behind tether must get them.
+pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Whether a request to a redirect listener with this (origin-form) target is redirected.
+pub fn redirects(target: &str) -> bool {
+    !target.starts_with(ACME_CHALLENGE_PREFIX)
+}
+
+/// tether's `308 Permanent Redirect` to the same host and target over HTTPS, on `port` (left
+/// out when it is 443). `host` is the request's `Host` (or absolute-form authority), whose own
+/// port is dropped. 308 keeps the method and body (RFC 9110 section 15.4.9), as HAProxy's
+/// `redirect scheme https code 308` does. `close`: `Connection: close` (a request with a body,
+/// which is not read).
+pub fn https_redirect(host: &str, target: &str, port: u16, date: &str, close: bool) -> Vec<u8> {
+    let name = match host.rsplit_once(':') {
+        // An IPv6 literal keeps its brackets; only a port after them goes.
+        Some((name, p)) if !p.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let location = if port == 443 {
+        format!("https://{name}{target}")
+    } else {
+        format!("https://{name}:{port}{target}")
+    };
+    let connection = if close { "close" } else { "keep-alive" };
+    format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nDate: {date}\r\nLocation: {location}\r\n\
+         content-length: 0\r\nConnection: {connection}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// The `[server]` settings a reload cannot change: they are bound when tether starts (listeners,
 /// runtimes, Pingora's own settings and its upstream pool size, which the lean engine follows
 /// too). Everything else in `[server]` (timeouts, head limits, the access log, `engine`) applies
@@ -458,6 +509,11 @@ impl ErrorAnswer {
 pub fn restart_only(old: &ServerSettings, new: &ServerSettings) -> Vec<&'static str> {
     let bound = [
         ("server.listen", old.listen != new.listen),
+        ("server.listen_tls", old.listen_tls != new.listen_tls),
+        (
+            "server.listen_redirect",
+            old.listen_redirect != new.listen_redirect,
+        ),
         ("server.threads", old.threads != new.threads),
         (
             "server.grace_period_secs",
@@ -483,6 +539,29 @@ pub fn restart_only(old: &ServerSettings, new: &ServerSettings) -> Vec<&'static 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirects_keep_host_and_target_and_name_the_tls_port() {
+        let text = |host, target, port| {
+            String::from_utf8(https_redirect(host, target, port, "D", false)).unwrap()
+        };
+        assert!(
+            text("example.com", "/a?b=1", 443).contains("Location: https://example.com/a?b=1\r\n")
+        );
+        assert!(
+            text("example.com:80", "/", 8443).contains("Location: https://example.com:8443/\r\n")
+        );
+        assert!(text("[::1]:80", "/x", 443).contains("Location: https://[::1]/x\r\n"));
+        assert!(text("[::1]", "/x", 443).contains("Location: https://[::1]/x\r\n"));
+        assert!(
+            String::from_utf8(https_redirect("h", "/", 443, "D", true))
+                .unwrap()
+                .contains("Connection: close")
+        );
+        assert!(redirects("/index.html"));
+        assert!(!redirects("/.well-known/acme-challenge/token"));
+        assert!(redirects("/.well-known/acme-challengeX"));
+    }
 
     fn limits() -> ServerSettings {
         crate::config::test_server_settings()

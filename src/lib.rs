@@ -14,6 +14,8 @@
 //!   without a body, WebSocket tunnels) and the Pingora engine (requests with a body).
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every Prometheus metric, named in one place.
+//! - [`tls`]: certificates for TLS listeners: loaded and checked, chosen by SNI, swapped on
+//!   reload.
 //! - [`server`]: wires the above into a Pingora `Server`.
 
 pub mod admin;
@@ -28,3 +30,4 @@ pub mod route;
 pub mod selection;
 pub mod server;
 pub mod state;
+pub mod tls;

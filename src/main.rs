@@ -50,7 +50,17 @@ fn main() -> ExitCode {
             let mut ok = true;
             for f in &files {
                 match Config::load(f) {
-                    Ok(_) => println!("{}: ok", f.display()),
+                    Ok(c) => {
+                        for w in &c.warnings {
+                            match w.position {
+                                Some((line, col)) => {
+                                    println!("{}:{line}:{col}: warning: {}", f.display(), w.message)
+                                }
+                                None => println!("{}: warning: {}", f.display(), w.message),
+                            }
+                        }
+                        println!("{}: ok", f.display())
+                    }
                     Err(e) => {
                         eprintln!("{e}");
                         ok = false;

@@ -38,6 +38,8 @@ pub mod names {
     pub const BACKEND_STATE: &str = "tether_backend_state";
     pub const PINNED_SESSIONS: &str = "tether_backend_pinned_sessions";
     pub const HEALTH_CHECKS: &str = "tether_health_checks_total";
+    pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
+    pub const TLS_CERT_EXPIRY: &str = "tether_tls_certificate_expiry_timestamp_seconds";
 }
 
 /// HTTP status classes used as the `class` label of [`names::REQUESTS`].
@@ -167,6 +169,8 @@ pub struct Metrics {
     pub backend_state: IntGaugeVec,
     pub pinned_sessions: IntGaugeVec,
     pub health_checks: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -262,6 +266,16 @@ impl Metrics {
             redis_duration: register_histogram!(
                 HistogramOpts::new(REDIS_DURATION, "Redis round trips of the proxy workers (request commands and batched session counts)")
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
+            )
+            .expect(OK),
+            tls_handshakes: register_int_counter_vec!(
+                Opts::new(TLS_HANDSHAKES, "Completed TLS handshakes on the TLS listeners, by TLS version: 1.2, 1.3"),
+                &["version"]
+            )
+            .expect(OK),
+            tls_cert_expiry: register_int_gauge_vec!(
+                Opts::new(TLS_CERT_EXPIRY, "When each configured certificate expires (its notAfter, Unix seconds), by its first name"),
+                &["certificate"]
             )
             .expect(OK),
             reloads: register_int_counter_vec!(

@@ -306,14 +306,20 @@ impl State {
 }
 
 /// The `Set-Cookie` value tether adds to a response from `backend` in insert mode: when the key
-/// was minted, or when the pin moved off the backend the presented cookie names.
-pub(crate) fn insert_cookie(live: &Live, key: &SessionKey, backend: &Backend) -> Option<String> {
+/// was minted, or when the pin moved off the backend the presented cookie names. `tls`: the
+/// request came over TLS (the cookie is then `Secure` unless `secure = false`).
+pub(crate) fn insert_cookie(
+    live: &Live,
+    key: &SessionKey,
+    backend: &Backend,
+    tls: bool,
+) -> Option<String> {
     match (&key.insert, live.extractor.insert_cookies()) {
         (Some(InsertKey::Minted { raw }), Some(c)) => {
-            Some(c.set_cookie(raw.as_bytes(), &backend.id))
+            Some(c.set_cookie(raw.as_bytes(), &backend.id, tls))
         }
         (Some(InsertKey::Presented { raw, hint }), Some(c)) if *hint != *backend.id => {
-            Some(c.set_cookie(raw.as_bytes(), &backend.id))
+            Some(c.set_cookie(raw.as_bytes(), &backend.id, tls))
         }
         _ => None,
     }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::proxy::HttpProxy;
 use pingora::server::Server;
@@ -74,7 +75,12 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         "tether proxy".to_string(),
         Front::new(pingora_proxy, state.clone()),
     );
-    for addr in &config.server.listen {
+    for addr in config
+        .server
+        .listen
+        .iter()
+        .chain(&config.server.listen_redirect)
+    {
         // No read buffer in front of client sockets. Pingora's default is a 64 KiB
         // `BufReader`, zero-filled when the connection is accepted, so every connection held
         // 64 KiB of resident memory (an idle WebSocket through tether cost 64 KiB against
@@ -85,6 +91,21 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
                 .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
         );
     }
+    if let Some(resolver) = &state.tls {
+        for addr in &config.server.listen_tls {
+            // Certificates come from tether's resolver (checked by config validation, chosen by
+            // SNI, swapped on reload), never from files Pingora would read (and panic on).
+            let mut tls = TlsSettings::with_callbacks(Box::new(crate::tls::HandshakeCounter))
+                .context("TLS settings")?;
+            tls.set_cert_resolver(resolver.clone());
+            tls.enable_h2();
+            proxy.add_listener(
+                ListenerConfig::tcp(addr.to_string())
+                    .tls(tls)
+                    .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+            );
+        }
+    }
     let state_for_phases = state.clone();
     let mut admin = Service::new("tether admin".to_string(), AdminApp::new(state));
     admin.add_tcp(&config.admin.listen.to_string());
@@ -93,6 +114,8 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
 
     info!(
         listen = ?config.server.listen,
+        listen_tls = ?config.server.listen_tls,
+        listen_redirect = ?config.server.listen_redirect,
         admin = %config.admin.listen,
         backends = config.backends.len(),
         policy = config.affinity.policy.as_str(),

@@ -119,6 +119,9 @@ pub struct State {
     /// `[server] upstream_keepalive_pool` as tether started with: Pingora's pool is sized once,
     /// and the lean engine keeps the same bound (a reload reports it as needing a restart).
     pub upstream_keepalive_pool: usize,
+    /// The certificates of the TLS listeners (`None` without any), chosen by SNI; a reload
+    /// swaps them in (the listeners themselves need a restart).
+    pub tls: Option<Arc<crate::tls::SniResolver>>,
 }
 
 impl State {
@@ -142,9 +145,17 @@ impl State {
             }
         };
         let upstream_keepalive_pool = config.server.upstream_keepalive_pool;
+        for w in &config.warnings {
+            warn!("{}: {}", config_path.display(), w.message);
+        }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(crate::tls::SniResolver::new(&t.certs)));
         let live = Live::new(config, hasher.clone(), &interner, None);
         let state = State {
             upstream_keepalive_pool,
+            tls,
             live: ArcSwap::from_pointee(live),
             interner,
             cache,
@@ -210,6 +221,19 @@ impl State {
         }
         let old = self.live.load_full();
         let report = diff(&old.config, &config);
+        for w in &config.warnings {
+            warn!("{}: {}", self.config_path.display(), w.message);
+        }
+        // New handshakes take the new certificates; open connections keep theirs.
+        if let (Some(resolver), Some(tls)) = (&self.tls, &config.tls) {
+            resolver.replace(&tls.certs);
+            if old.config.tls.as_ref() != Some(tls) {
+                info!(
+                    certificates = ?tls.certs.iter().map(|c| c.names.join(",")).collect::<Vec<_>>(),
+                    "TLS certificates reloaded"
+                );
+            }
+        }
         let ttl = config.affinity.ttl;
         let live = Live::new(config, self.hasher.clone(), &self.interner, Some(&old));
         self.apply_admin_states(&live.backends);

@@ -430,7 +430,7 @@ fn signer(secrets: &[&str]) -> InsertCookies {
             .iter()
             .map(|s| Secret::new(s.as_bytes().to_vec()))
             .collect(),
-        secure: false,
+        secure: Some(false),
         same_site: SameSite::Lax,
         http_only: true,
         max_age: None,
@@ -597,7 +597,7 @@ async fn expired_insert_cookies_never_choose_a_backend_and_live_ones_are_refresh
     let key = key_of(&cookie).to_string();
     let other = ["a", "b", "c"].into_iter().find(|x| *x != owner).unwrap();
     let signed = |issued: u64, hint: &str| {
-        let set_cookie = signer.set_cookie_at(key.as_bytes(), hint, issued);
+        let set_cookie = signer.set_cookie_at(key.as_bytes(), hint, issued, false);
         set_cookie.split(';').next().unwrap().to_string()
     };
 

@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let key = "AAAAAAAAAAAAAAAAAAAAAA";
     let issued = NOW - u64::from(which);
-    let header = cookies.set_cookie_at(key.as_bytes(), "b", issued);
+    let header = cookies.set_cookie_at(key.as_bytes(), "b", issued, false);
     let value = parse_set_cookie(header.as_bytes())
         .expect("tether's own Set-Cookie parses")
         .value

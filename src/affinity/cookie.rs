@@ -127,8 +127,10 @@ pub struct InsertCookies {
     pub name: String,
     /// Keyed MAC states, cloned per use: the first signs, all verify.
     macs: Vec<Hmac<Sha256>>,
-    /// `; Path=/; HttpOnly; SameSite=Lax...`, fixed at start-up.
-    attributes: String,
+    /// `; Path=/; HttpOnly` and `; SameSite=Lax...`, fixed at start-up: `; Secure` goes between
+    /// them when [`InsertCookies::secure`] says so.
+    attributes: (String, String),
+    secure: Option<bool>,
     /// How long after its issue time a cookie is valid, in seconds.
     lifetime_secs: u64,
 }
@@ -170,22 +172,20 @@ impl InsertCookies {
                 Hmac::<Sha256>::new_from_slice(k.expose()).expect("HMAC takes keys of any length")
             })
             .collect();
-        let mut attributes = String::from("; Path=/");
+        let mut before = String::from("; Path=/");
         if s.http_only {
-            attributes.push_str("; HttpOnly");
+            before.push_str("; HttpOnly");
         }
-        if s.secure {
-            attributes.push_str("; Secure");
-        }
-        attributes.push_str("; SameSite=");
-        attributes.push_str(s.same_site.as_str());
+        let mut after = String::from("; SameSite=");
+        after.push_str(s.same_site.as_str());
         if let Some(age) = s.max_age {
-            attributes.push_str(&format!("; Max-Age={}", age.as_secs()));
+            after.push_str(&format!("; Max-Age={}", age.as_secs()));
         }
         InsertCookies {
             name: s.cookie.clone(),
             macs,
-            attributes,
+            attributes: (before, after),
+            secure: s.secure,
             lifetime_secs: s.max_age.map_or(DEFAULT_LIFETIME_SECS, |a| a.as_secs()),
         }
     }
@@ -228,20 +228,27 @@ impl InsertCookies {
         m
     }
 
-    /// The `Set-Cookie` header value pinning `key` to `backend`, issued now.
-    pub fn set_cookie(&self, key: &[u8], backend: &str) -> String {
-        self.set_cookie_at(key, backend, unix_secs())
+    /// The `Set-Cookie` header value pinning `key` to `backend`, issued now, on a response to a
+    /// request that came over TLS (`tls`) or not.
+    pub fn set_cookie(&self, key: &[u8], backend: &str, tls: bool) -> String {
+        self.set_cookie_at(key, backend, unix_secs(), tls)
+    }
+
+    /// Whether a cookie set on a response to a TLS request (`tls`) or a plain one is `Secure`.
+    pub fn secure(&self, tls: bool) -> bool {
+        self.secure.unwrap_or(tls)
     }
 
     /// [`InsertCookies::set_cookie`] with the issue time given (Unix seconds).
-    pub fn set_cookie_at(&self, key: &[u8], backend: &str, issued: u64) -> String {
+    pub fn set_cookie_at(&self, key: &[u8], backend: &str, issued: u64, tls: bool) -> String {
         let issued = issued.to_string();
         let tag = Self::mac_v2(&self.macs[0], key, issued.as_bytes(), backend.as_bytes())
             .finalize()
             .into_bytes();
         let sig = URL_SAFE_NO_PAD.encode(&tag[..16]);
+        let (before, after) = &self.attributes;
         let mut out = String::with_capacity(
-            self.name.len() + 64 + issued.len() + backend.len() + self.attributes.len(),
+            self.name.len() + 72 + issued.len() + backend.len() + before.len() + after.len(),
         );
         out.push_str(&self.name);
         out.push('=');
@@ -252,7 +259,11 @@ impl InsertCookies {
         out.push_str(backend);
         out.push('.');
         out.push_str(&sig);
-        out.push_str(&self.attributes);
+        out.push_str(before);
+        if self.secure(tls) {
+            out.push_str("; Secure");
+        }
+        out.push_str(after);
         out
     }
 
@@ -333,11 +344,12 @@ impl InsertCookies {
             .finalize()
             .into_bytes();
         format!(
-            "{}={}.{backend}.{}{}",
+            "{}={}.{backend}.{}{}{}",
             self.name,
             std::str::from_utf8(key).expect("base64url"),
             URL_SAFE_NO_PAD.encode(&tag[..16]),
-            self.attributes
+            self.attributes.0,
+            self.attributes.1
         )
     }
 }
@@ -355,7 +367,7 @@ mod tests {
                 .iter()
                 .map(|s| Secret::new(s.as_bytes().to_vec()))
                 .collect(),
-            secure: true,
+            secure: Some(true),
             same_site: SameSite::Strict,
             http_only: true,
             max_age: None,
@@ -406,7 +418,7 @@ mod tests {
     fn signed_cookie_round_trips_and_carries_attributes() {
         let c = cookies(&["0123456789abcdef0123"]);
         let key = InsertCookies::mint();
-        let header = c.set_cookie(key.as_bytes(), "app-2");
+        let header = c.set_cookie(key.as_bytes(), "app-2", false);
         assert!(
             header.ends_with("; Path=/; HttpOnly; Secure; SameSite=Strict"),
             "{header}"
@@ -423,7 +435,7 @@ mod tests {
         // Cookies live in browsers across releases: this format must not change without a new
         // marker (and reading the old one for a rotation).
         let c = cookies(&["0123456789abcdef0123"]);
-        let header = c.set_cookie_at(b"AAAAAAAAAAAAAAAAAAAAAA", "app1", 1_700_000_000);
+        let header = c.set_cookie_at(b"AAAAAAAAAAAAAAAAAAAAAA", "app1", 1_700_000_000, false);
         assert_eq!(
             value_of(&header),
             "AAAAAAAAAAAAAAAAAAAAAA.v2.1700000000.app1.KkgU4wkHOvSJihoLzTHxhA"
@@ -434,7 +446,7 @@ mod tests {
     fn forged_or_tampered_cookies_are_rejected() {
         let c = cookies(&["0123456789abcdef0123"]);
         let key = InsertCookies::mint();
-        let good = c.set_cookie(key.as_bytes(), "app1");
+        let good = c.set_cookie(key.as_bytes(), "app1", false);
         let good = value_of(&good);
         // Another backend id with the same signature.
         assert!(
@@ -486,10 +498,10 @@ mod tests {
         let old = cookies(&["old-secret-0123456789"]);
         let rotated = cookies(&["new-secret-0123456789", "old-secret-0123456789"]);
         let key = InsertCookies::mint();
-        let by_old = old.set_cookie(key.as_bytes(), "a");
+        let by_old = old.set_cookie(key.as_bytes(), "a", false);
         let v = rotated.verify(value_of(&by_old).as_bytes()).expect("valid");
         assert!(v.reissue, "signed by an older secret: re-issue");
-        let by_new = rotated.set_cookie(key.as_bytes(), "a");
+        let by_new = rotated.set_cookie(key.as_bytes(), "a", false);
         assert!(
             !rotated
                 .verify(value_of(&by_new).as_bytes())
@@ -504,7 +516,7 @@ mod tests {
         let c = cookies(&["0123456789abcdef0123"]).with_lifetime(Duration::from_secs(400));
         let key = InsertCookies::mint();
         let t0 = 1_800_000_000;
-        let header = c.set_cookie_at(key.as_bytes(), "b", t0);
+        let header = c.set_cookie_at(key.as_bytes(), "b", t0, false);
         let v = value_of(&header).as_bytes();
         let at = |now| c.check(v, now).map(|c| c.reissue);
         assert_eq!(at(t0), Ok(false));

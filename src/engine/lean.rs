@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::prelude::{ErrorSource, ErrorType};
-use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use crate::affinity::{SessionKey, SidFound, SidSearch};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{BadChunk, ChunkDecoder, ResponseBody};
-use crate::http::headers::{FORWARDED_PROTO, forwarded_for};
+use crate::http::headers::{forwarded_for, forwarded_proto};
 use crate::http::{self, ErrorAnswer, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, Request};
 use crate::route::{Outcome, connect_failed, count_upstream_error, insert_cookie, record};
 use crate::state::{Live, State, TunnelGuard};
@@ -53,6 +53,8 @@ pub(super) struct Job<'a, 'hs, 'b> {
     pub closing: bool,
     pub peer: Option<std::net::IpAddr>,
     pub peer_text: Option<&'a str>,
+    /// The client came over TLS.
+    pub tls: bool,
     /// Its response body carries an Engine.IO `sid` to pin (key source index).
     pub engine_io: Option<usize>,
 }
@@ -66,7 +68,7 @@ pub(super) enum Done {
 }
 
 /// Serve one request. `client` is the client's socket.
-pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut L4Stream) -> Done {
+pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut Stream) -> Done {
     let Job {
         state,
         live,
@@ -75,6 +77,7 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut L4Stream) -> Done {
         closing,
         peer,
         peer_text,
+        tls,
         engine_io,
     } = job;
     let started = std::time::Instant::now();
@@ -88,7 +91,7 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut L4Stream) -> Done {
     let (key, first) = state
         .first_choice(live, &*req.headers, query, peer, now_ms())
         .await;
-    let upstream_request = upstream_request(req, checked, peer_text);
+    let upstream_request = upstream_request(req, checked, peer_text, tls);
     let mut ex = Exchange {
         state,
         live,
@@ -98,6 +101,7 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut L4Stream) -> Done {
         upgrade: checked.upgrade,
         closing,
         engine_io: engine_io.filter(|_| method == ::http::Method::GET),
+        tls,
         attempts: 0,
         failed: Vec::new(),
     };
@@ -185,7 +189,7 @@ impl Upgraded {
     /// Run the tunnel in a task of its own (the connection's task ends: an idle WebSocket then
     /// costs its two sockets and little else). `client_early`: bytes the client sent past the
     /// upgrade request.
-    pub(super) fn spawn(self, client: Box<L4Stream>, client_early: Vec<u8>) {
+    pub(super) fn spawn(self, client: Stream, client_early: Vec<u8>) {
         tokio::spawn(async move {
             let Upgraded {
                 upstream,
@@ -223,6 +227,7 @@ fn upstream_request(
     req: &httparse::Request<'_, '_>,
     checked: &Request<'_>,
     peer: Option<&str>,
+    tls: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -260,7 +265,7 @@ fn upstream_request(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-proto: ");
-    out.extend_from_slice(FORWARDED_PROTO.as_bytes());
+    out.extend_from_slice(forwarded_proto(tls).as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     out
 }
@@ -292,6 +297,8 @@ struct Exchange<'a> {
     /// The client connection closes after this response.
     closing: bool,
     engine_io: Option<usize>,
+    /// The client came over TLS.
+    tls: bool,
     attempts: usize,
     /// Backends whose connect failed during this request.
     failed: Vec<BackendKey>,
@@ -324,7 +331,7 @@ impl Exchange<'_> {
         &mut self,
         first: Option<Arc<Backend>>,
         request: &[u8],
-        client: &mut L4Stream,
+        client: &mut Stream,
     ) -> Served {
         let upstream = &self.live.config.upstream;
         let mut backend = first;
@@ -449,7 +456,7 @@ impl Exchange<'_> {
     /// connection closes.
     async fn answer_error(
         &self,
-        client: &mut L4Stream,
+        client: &mut Stream,
         guard: Option<ActiveGuard>,
         etype: ErrorType,
     ) -> Served {
@@ -469,7 +476,7 @@ impl Exchange<'_> {
         b: &Backend,
         up: &mut TcpStream,
         request: &[u8],
-        client: &mut L4Stream,
+        client: &mut Stream,
     ) -> Result<Relayed, Relay> {
         let upstream = &self.live.config.upstream;
         match tokio::time::timeout(upstream.write_timeout, up.write_all(request)).await {
@@ -604,7 +611,10 @@ impl Exchange<'_> {
                 out.extend_from_slice(h.value);
                 out.extend_from_slice(b"\r\n");
             }
-            if let Some(cookie) = self.key.and_then(|k| insert_cookie(self.live, k, b)) {
+            if let Some(cookie) = self
+                .key
+                .and_then(|k| insert_cookie(self.live, k, b, self.tls))
+            {
                 out.extend_from_slice(b"set-cookie: ");
                 out.extend_from_slice(cookie.as_bytes());
                 out.extend_from_slice(b"\r\n");
@@ -681,7 +691,7 @@ impl Exchange<'_> {
 }
 
 /// Write tether's error answer for `status` ([`ErrorAnswer`]); `head`: no body (a HEAD request).
-pub(super) async fn write_error_answer(client: &mut L4Stream, status: u16, head: bool) {
+pub(super) async fn write_error_answer(client: &mut Stream, status: u16, head: bool) {
     let date = pingora::protocols::http::date::get_cached_date();
     let out = ErrorAnswer::new(status).to_bytes(date.to_str().unwrap_or(""), head);
     if let Err(e) = write_flush(client, &out).await {
@@ -780,7 +790,7 @@ async fn relay_body(
     head_len: usize,
     mut out: Vec<u8>,
     up: &mut TcpStream,
-    client: &mut L4Stream,
+    client: &mut Stream,
     read_timeout: Duration,
 ) -> Result<bool, BodyError> {
     let mut start = head_len;
@@ -839,7 +849,7 @@ fn client_error(e: io::Error) -> BodyError {
     BodyError::Client
 }
 
-pub(super) async fn write_flush(client: &mut L4Stream, bytes: &[u8]) -> io::Result<()> {
+pub(super) async fn write_flush(client: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     if !bytes.is_empty() {
         client.write_all(bytes).await?;
     }

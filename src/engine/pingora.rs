@@ -28,9 +28,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, UniqueID, UniqueIDType,
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
 };
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 use crate::affinity::{KeyHash, SessionKey, SidFound, SidSearch, is_engine_io_handshake};
 use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{ChunkDecoder, RequestBody};
-use crate::http::headers::{FORWARDED_PROTO, Hop, forwarded_for};
+use crate::http::headers::{Hop, forwarded_for, forwarded_proto, joined_cookies};
 use crate::http::{self, ErrorAnswer};
 use crate::metrics::UpstreamError;
 use crate::route::{Outcome, connect_failed, count_upstream_error, insert_cookie, record};
@@ -97,6 +97,11 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// The client reached tether over TLS (a `listen_tls` listener).
+fn came_over_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// The request's chunked body failed [`BodyFence`]'s check.
@@ -347,7 +352,20 @@ impl ProxyHttp for Router {
         if let Some(value) = forwarded {
             upstream_request.insert_header("x-forwarded-for", value)?;
         }
-        upstream_request.insert_header("x-forwarded-proto", FORWARDED_PROTO)?;
+        // HTTP/2 cookie crumbs, one field for the HTTP/1.1 backend. (An HTTP/1.1 client's
+        // lines go as sent, on either engine.)
+        if session.as_downstream().is_http2() {
+            let cookies = upstream_request
+                .headers
+                .get_all(::http::header::COOKIE)
+                .into_iter()
+                .map(|v| v.as_bytes());
+            if let Some(joined) = joined_cookies(cookies) {
+                upstream_request.insert_header(::http::header::COOKIE, joined)?;
+            }
+        }
+        let tls = came_over_tls(session);
+        upstream_request.insert_header("x-forwarded-proto", forwarded_proto(tls))?;
         Ok(())
     }
 
@@ -401,10 +419,11 @@ impl ProxyHttp for Router {
         for name in named {
             upstream_response.remove_header(&name);
         }
+        let tls = came_over_tls(session);
         if let Some(cookie) = ctx
             .key
             .as_ref()
-            .and_then(|key| insert_cookie(&ctx.live, key, &backend))
+            .and_then(|key| insert_cookie(&ctx.live, key, &backend, tls))
         {
             upstream_response.append_header("set-cookie", cookie)?;
         }
@@ -517,7 +536,10 @@ async fn write_error_answer(session: &mut Session, status: u16) {
 /// a trailer for a field); `fail_to_proxy` then answers 400.
 #[derive(Debug)]
 pub(super) struct BodyFence {
-    inner: Box<L4Stream>,
+    inner: Stream,
+    /// Bytes the front already read off `inner` (the head, maybe body bytes), handed on first.
+    replay: Vec<u8>,
+    replayed: usize,
     /// Head bytes still to pass before the body starts.
     head_left: usize,
     body: Fence,
@@ -539,9 +561,17 @@ enum Fence {
 const MAX_KEPT: usize = 64 * 1024;
 
 impl BodyFence {
-    pub(super) fn new(inner: Box<L4Stream>, head_len: usize, body: RequestBody) -> BodyFence {
+    /// `read`: what the front read off `inner` so far, from the start of the request head.
+    pub(super) fn new(
+        inner: Stream,
+        read: Vec<u8>,
+        head_len: usize,
+        body: RequestBody,
+    ) -> BodyFence {
         BodyFence {
             inner,
+            replay: read,
+            replayed: 0,
             head_left: head_len,
             body: match body {
                 RequestBody::None => Fence::Length(0),
@@ -554,7 +584,7 @@ impl BodyFence {
     }
 
     /// The socket, and the bytes read past the request.
-    pub(super) fn into_parts(self) -> (Box<L4Stream>, Vec<u8>) {
+    pub(super) fn into_parts(self) -> (Stream, Vec<u8>) {
         (self.inner, self.kept)
     }
 
@@ -633,7 +663,19 @@ impl AsyncRead for BodyFence {
             return this.poll_after(cx);
         }
         let before = buf.filled().len();
-        match Pin::new(&mut *this.inner).poll_read(cx, buf) {
+        let read = if this.replayed < this.replay.len() {
+            let n = buf.remaining().min(this.replay.len() - this.replayed);
+            buf.put_slice(&this.replay[this.replayed..this.replayed + n]);
+            this.replayed += n;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut *this.inner).poll_read(cx, buf)
+        };
+        match read {
             Poll::Ready(Ok(())) => {
                 match this.fence(&buf.filled()[before..]) {
                     Ok(keep) => buf.set_filled(before + keep),
@@ -681,7 +723,16 @@ impl UniqueID for BodyFence {
     }
 }
 
-impl Ssl for BodyFence {}
+/// TLS facts come from the socket underneath (Pingora reads them for its digest).
+impl Ssl for BodyFence {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
 
 /// Peeking is not offered: it would read past the check.
 #[async_trait]

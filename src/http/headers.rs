@@ -100,7 +100,7 @@ impl<'a> Hop<'a> {
     /// upgrade (its `Upgrade` field goes, with `Connection: upgrade`, written by the engine).
     /// `host`: the client's `Host` goes (not when an absolute-form target's authority replaces
     /// it). `X-Forwarded-For` and `-Proto` are rewritten by [`forwarded_for`] and
-    /// [`FORWARDED_PROTO`]; `Expect` is answered by tether (see [`super::Request`]).
+    /// [`forwarded_proto`]; `Expect` is answered by tether (see [`super::Request`]).
     pub fn request_keeps(&self, name: &str, upgrade: bool, host: bool) -> bool {
         let name = name.as_bytes();
         let is = |field: &[u8]| name.eq_ignore_ascii_case(field);
@@ -127,9 +127,11 @@ impl<'a> Hop<'a> {
     }
 }
 
-/// `X-Forwarded-Proto` on every request to a backend: tether listens on plain HTTP only, and a
-/// client cannot claim otherwise.
-pub const FORWARDED_PROTO: &str = "http";
+/// `X-Forwarded-Proto` on every request to a backend: the scheme the client reached tether
+/// with (`tls`: a TLS listener). A client's own value is dropped: it cannot claim otherwise.
+pub fn forwarded_proto(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
 
 /// Write the `X-Forwarded-For` value for a backend to `out`: the client's values (folded, in
 /// order), then the peer address, as NGINX's `$proxy_add_x_forwarded_for`.
@@ -143,6 +145,23 @@ pub fn forwarded_for<'a>(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(peer.as_bytes());
+}
+
+/// One `Cookie` value for an HTTP/1.1 backend from several `cookie` fields: HTTP/2 clients may
+/// send the cookie as crumbs, one field each, which a proxy to HTTP/1.1 joins with `; ` (RFC
+/// 9113 section 8.2.3); many HTTP/1.1 servers read only the first `Cookie` line. `None`: at most
+/// one field, nothing to join.
+pub fn joined_cookies<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let first = values.next()?;
+    let second = values.next()?;
+    let mut out = Vec::with_capacity(first.len() + second.len() + 32);
+    for v in [first, second].into_iter().chain(values) {
+        if !out.is_empty() {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(v);
+    }
+    Some(out)
 }
 
 const HOST_CHAR: [bool; 256] = super::framing::byte_class(true, b"-._~!$&'()*+,;=:[]%");
@@ -213,6 +232,16 @@ mod tests {
         for bad in [&b""[..], b"user@host", b"a b", b"a/b", b"a\\b", b".a"] {
             assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined() {
+        assert_eq!(joined_cookies(std::iter::empty()), None);
+        assert_eq!(joined_cookies([&b"a=1"[..]].into_iter()), None);
+        assert_eq!(
+            joined_cookies([&b"a=1"[..], b"sid=x", b"b=2"].into_iter()).as_deref(),
+            Some(&b"a=1; sid=x; b=2"[..])
+        );
     }
 
     #[test]

@@ -1,0 +1,678 @@
+//! TLS listeners: certificates made here (rcgen, a CA of the test's own), real clients (reqwest
+//! over rustls with HTTP/1.1 and HTTP/2, curl, a bare rustls handshake to see which certificate
+//! tether presents), `tether check` on bad files, and certificates swapped by a reload.
+
+mod support;
+
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use support::scenario::*;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A test CA and the files it signs, in a temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let (ca_pem, issuer) = test_ca("tether tls test CA");
+        Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca_pem,
+            issuer,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Sign a certificate for `names` valid from `from` to `until` days from now, written as
+    /// `<file>.pem` (leaf, then the CA: a chain in order) and `<file>.key`; returns the leaf DER.
+    fn issue(&self, file: &str, names: &[&str], from: i64, until: i64) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let now = time_now();
+        params.not_before = now + time_days(from);
+        params.not_after = now + time_days(until);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(
+            self.path(&format!("{file}.pem")),
+            format!("{}{}", cert.pem(), self.ca_pem),
+        )
+        .unwrap();
+        std::fs::write(self.path(&format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    }
+
+    /// The `[tls]` section naming `files` (each `<file>.pem` and `<file>.key`), in order.
+    fn tls_section(&self, files: &[&str]) -> String {
+        let certs: Vec<String> = files
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{ cert = \"{}\", key = \"{}\" }}",
+                    self.path(&format!("{f}.pem")).display(),
+                    self.path(&format!("{f}.key")).display()
+                )
+            })
+            .collect();
+        format!("[tls]\ncerts = [{}]\n\n", certs.join(", "))
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        let path = self.path("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn time_days(d: i64) -> time::Duration {
+    time::Duration::days(d)
+}
+
+/// The body of a config with `backends`, keyed by the session header, round robin.
+fn body(tls: &str, backends: &[&Backend]) -> String {
+    let mut out = format!(
+        "{tls}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"header:{SESSION_HEADER}\"]\npolicy = \"round_robin\"\n\n"
+    );
+    for b in backends {
+        out.push_str(&b.toml());
+        out.push('\n');
+    }
+    out
+}
+
+/// A tether with one TLS listener (and the harness's plain one); returns it and the TLS port.
+async fn tls_balancer(tls: &str, backends: &[&Backend]) -> (Balancer, u16) {
+    let port = free_port();
+    let options = BalancerOptions {
+        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
+        ..BalancerOptions::default()
+    };
+    let lb = Balancer::start_with(options, &body(tls, backends)).await;
+    (lb, port)
+}
+
+/// A reqwest client trusting only the test CA, resolving `host` to the TLS listener.
+fn https_client(pki: &Pki, host: &str, port: u16, http1_only: bool) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .resolve(host, ([127, 0, 0, 1], port).into())
+        .timeout(WAIT);
+    if http1_only {
+        b = b.http1_only();
+    }
+    b.build().unwrap()
+}
+
+/// The leaf certificate tether presents to a handshake naming `sni` (`None`: no SNI), and the
+/// protocol ALPN chose. Any certificate is accepted here: the point is which one comes.
+fn presented(port: u16, sni: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+    #[derive(Debug)]
+    struct Record(Mutex<Option<Vec<u8>>>);
+    impl rustls::client::danger::ServerCertVerifier for Record {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            *self.0.lock().unwrap() = Some(end_entity.to_vec());
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let record = Arc::new(Record(Mutex::new(None)));
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(record.clone())
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.enable_sni = sni.is_some();
+    // With SNI off rustls still needs a name to verify against; an IP literal sends none.
+    let name = match sni {
+        Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+        None => ServerName::try_from("127.0.0.1").unwrap(),
+    };
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).expect("TLS handshake");
+    }
+    let _ = sock.flush();
+    let cert = record.0.lock().unwrap().clone().expect("a certificate");
+    (cert, conn.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_reaches_one_backend_over_http2_and_http1_with_forwarded_proto_https() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backends = [
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let (lb, port) = tls_balancer(&pki.tls_section(&["site"]), &refs).await;
+    let h2 = https_client(&pki, "site.test", port, false);
+    let h1 = https_client(&pki, "site.test", port, true);
+    let url = format!("https://site.test:{port}/where");
+    for session in ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"] {
+        let mut seen = Vec::new();
+        for (client, version) in [
+            (&h2, reqwest::Version::HTTP_2),
+            (&h1, reqwest::Version::HTTP_11),
+            (&h2, reqwest::Version::HTTP_2),
+            (&h1, reqwest::Version::HTTP_11),
+        ] {
+            let resp = client
+                .get(&url)
+                .header(SESSION_HEADER, session)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET over TLS: {e}\n{}", tail(&lb.log(), 30)));
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), version);
+            let backend = resp
+                .headers()
+                .get("x-backend-id")
+                .expect("x-backend-id")
+                .to_str()
+                .unwrap()
+                .to_string();
+            seen.push(backend);
+        }
+        assert!(
+            seen.iter().all(|b| *b == seen[0]),
+            "session {session} moved between backends: {seen:?}"
+        );
+    }
+    // Round robin spread the six sessions; every one of them told its backend it came over TLS.
+    for b in &backends {
+        assert!(b.requests() > 0, "{} got nothing", b.id());
+        for r in b.recorded() {
+            assert_eq!(
+                r.headers
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok()),
+                Some("https"),
+                "{} got {:?}",
+                b.id(),
+                r.headers
+            );
+        }
+    }
+    // The plain listener still says http.
+    let plain = client()
+        .get(lb.url("/plain"))
+        .header(SESSION_HEADER, "alpha")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    let served = backends
+        .iter()
+        .find(|b| b.recorded().iter().any(|r| r.uri.path() == "/plain"))
+        .expect("someone served /plain");
+    let last = served.last_headers();
+    assert_eq!(last.get("x-forwarded-proto").unwrap(), "http");
+    let handshakes = lb
+        .metric("tether_tls_handshakes_total{version=\"1.3\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        handshakes >= 2.0,
+        "TLS 1.3 handshakes counted: {handshakes}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_key_the_session_and_reach_the_backend_as_one_field() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backends = [Backend::start("b1").await, Backend::start("b2").await];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let port = free_port();
+    let options = BalancerOptions {
+        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
+        ..BalancerOptions::default()
+    };
+    let mut config = format!(
+        "{}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"cookie:sid\"]\npolicy = \"round_robin\"\n\n",
+        pki.tls_section(&["site"])
+    );
+    for b in &refs {
+        config.push_str(&b.toml());
+    }
+    let lb = Balancer::start_with(options, &config).await;
+    let h2 = https_client(&pki, "site.test", port, false);
+    let h1 = https_client(&pki, "site.test", port, true);
+    let url = format!("https://site.test:{port}/crumbs");
+    for sid in ["one", "two", "three", "four"] {
+        // The session cookie in the second crumb.
+        let resp = h2
+            .get(&url)
+            .header("cookie", "theme=dark")
+            .header("cookie", format!("sid={sid}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        let by_h2 = resp.headers()["x-backend-id"].to_str().unwrap().to_string();
+        let resp = h1
+            .get(&url)
+            .header("cookie", format!("theme=dark; sid={sid}"))
+            .send()
+            .await
+            .unwrap();
+        let by_h1 = resp.headers()["x-backend-id"].to_str().unwrap().to_string();
+        assert_eq!(by_h2, by_h1, "sid={sid}: the crumb did not key the session");
+    }
+    for b in &backends {
+        for r in b.recorded() {
+            let cookies: Vec<_> = r.headers.get_all("cookie").iter().collect();
+            assert_eq!(cookies.len(), 1, "{}: {:?}", b.id(), r.headers);
+            let v = cookies[0].to_str().unwrap();
+            assert!(v.starts_with("theme=dark; sid="), "{v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_speaks_http2_and_http1_over_tls_and_sticks() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backends = [Backend::start("b1").await, Backend::start("b2").await];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let (lb, port) = tls_balancer(&pki.tls_section(&["site"]), &refs).await;
+    let ca = pki.ca_file();
+    let curl = |version: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", version, "--cacert"])
+            .arg(&ca)
+            .args([
+                "--resolve",
+                &format!("site.test:{port}:127.0.0.1"),
+                "-H",
+                &format!("{SESSION_HEADER}: kilo"),
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "-w",
+                "version=%{http_version}\n",
+                &format!("https://site.test:{port}/"),
+            ])
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(
+            out.status.success(),
+            "curl {version}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&lb.log(), 20)
+        );
+        let backend = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-backend-id: "))
+            .expect("x-backend-id")
+            .trim()
+            .to_string();
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix("version="))
+            .unwrap()
+            .to_string();
+        (backend, v)
+    };
+    let (b2, v2) = curl("--http2");
+    let (b1, v1) = curl("--http1.1");
+    assert_eq!(v2, "2");
+    assert_eq!(v1, "1.1");
+    assert_eq!(b1, b2, "one session, two protocols, two backends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_anything_else_gets_the_first() {
+    let pki = Pki::new();
+    let first = pki.issue("first", &["first.test"], -1, 90);
+    let wild = pki.issue("wild", &["*.wild.test"], -1, 90);
+    let exact = pki.issue("exact", &["api.wild.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let (lb, port) = tls_balancer(&pki.tls_section(&["first", "wild", "exact"]), &[&backend]).await;
+    for (sni, want, what) in [
+        (Some("first.test"), &first, "exact name"),
+        (Some("FIRST.test"), &first, "names are case-insensitive"),
+        (Some("a.wild.test"), &wild, "wildcard"),
+        (
+            Some("api.wild.test"),
+            &exact,
+            "an exact name beats a wildcard",
+        ),
+        (
+            Some("a.b.wild.test"),
+            &first,
+            "a wildcard covers one label only",
+        ),
+        (
+            Some("nobody.test"),
+            &first,
+            "unknown name: the first certificate",
+        ),
+        (None, &first, "no SNI: the first certificate"),
+    ] {
+        let (got, alpn) = presented(port, sni);
+        assert!(got == *want, "{what} ({sni:?}): another certificate came");
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "ALPN offers h2 first");
+    }
+    assert!(
+        lb.metric("tether_tls_certificate_expiry_timestamp_seconds{certificate=\"*.wild.test\"}")
+            .await
+            .is_some()
+    );
+}
+
+/// `tether check` on a config whose `[tls]` is `tls`.
+fn check(dir: &Path, tls: &str) -> (bool, String) {
+    let path = dir.join("t.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten_tls = [\"127.0.0.1:8443\"]\n\n{tls}[affinity]\nsources = [\"ip\"]\n\n[[backend]]\nid = \"a\"\naddress = \"127.0.0.1:3001\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_refuses_bad_certificate_files_with_file_line_col() {
+    let pki = Pki::new();
+    pki.issue("good", &["good.test"], -1, 90);
+    pki.issue("expired", &["old.test"], -30, -1);
+    pki.issue("future", &["new.test"], 2, 90);
+    pki.issue("soon", &["soon.test"], -1, 5);
+    pki.issue("other", &["other.test"], -1, 90);
+    let dir = pki.dir.path();
+    // A key that is not the certificate's.
+    std::fs::copy(pki.path("other.key"), pki.path("mismatch.key")).unwrap();
+    std::fs::copy(pki.path("good.pem"), pki.path("mismatch.pem")).unwrap();
+    // The CA before the leaf: out of order.
+    let good = std::fs::read_to_string(pki.path("good.pem")).unwrap();
+    let split = good.find(&pki.ca_pem).unwrap();
+    std::fs::write(
+        pki.path("reversed.pem"),
+        format!("{}{}", pki.ca_pem, &good[..split]),
+    )
+    .unwrap();
+    std::fs::copy(pki.path("good.key"), pki.path("reversed.key")).unwrap();
+    std::fs::write(pki.path("junk.pem"), "not a certificate\n").unwrap();
+    std::fs::copy(pki.path("good.key"), pki.path("junk.key")).unwrap();
+
+    let (ok, out) = check(dir, &pki.tls_section(&["good"]));
+    assert!(ok, "{out}");
+    // [tls] is line 4, certs line 5: `certs = [{ cert = "` puts the cert path's quote at column
+    // 19, the key's ten columns after the path's closing quote.
+    let key_col = |f: &str| 29 + pki.path(&format!("{f}.pem")).display().to_string().len();
+    for (file, in_key, needle) in [
+        ("expired", false, "expired on"),
+        ("future", false, "not valid before"),
+        ("mismatch", true, "is not the key of the certificate"),
+        ("reversed", false, "is not issued by certificate 2"),
+        ("junk", false, "holds no PEM certificate"),
+    ] {
+        let (ok, out) = check(dir, &pki.tls_section(&[file]));
+        assert!(!ok, "{file}: accepted\n{out}");
+        let col = if in_key { key_col(file) } else { 19 };
+        assert!(
+            out.contains(&format!("t.toml:5:{col}: ")) && out.contains(needle),
+            "{file}: want 5:{col} and `{needle}` in:\n{out}"
+        );
+    }
+    let (ok, out) = check(dir, &pki.tls_section(&["soon"]));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("t.toml:5:19: warning:")
+            && (out.contains("in 4 days") || out.contains("in 5 days")),
+        "{out}"
+    );
+    let (ok, out) = check(dir, "");
+    assert!(
+        !ok && out.contains("`[server] listen_tls` needs a [tls] section"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_certificates_and_a_bad_file_changes_nothing() {
+    let pki = Pki::new();
+    let before = pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let tls = pki.tls_section(&["site"]);
+    let (mut lb, port) = tls_balancer(&tls, &[&backend]).await;
+    assert!(presented(port, Some("site.test")).0 == before);
+    // An open connection keeps its session while the files change under it.
+    let h1 = https_client(&pki, "site.test", port, true);
+    let url = format!("https://site.test:{port}/");
+    assert_eq!(h1.get(&url).send().await.unwrap().status(), 200);
+
+    let after = pki.issue("site", &["site.test"], -1, 90);
+    lb.write_config(&body(&tls, &[&backend]));
+    lb.sighup();
+    assert!(
+        eventually(WAIT, || async {
+            presented(port, Some("site.test")).0 == after
+        })
+        .await,
+        "new handshakes never got the new certificate\n{}",
+        tail(&lb.log(), 20)
+    );
+    assert_eq!(h1.get(&url).send().await.unwrap().status(), 200);
+
+    // A key that does not match: the reload is refused, the running certificate stays.
+    pki.issue("other", &["site.test"], -1, 90);
+    std::fs::copy(pki.path("other.key"), pki.path("site.key")).unwrap();
+    let failed = lb
+        .metric("tether_config_reloads_total{result=\"failed\"}")
+        .await
+        .unwrap_or(0.0);
+    lb.sighup();
+    assert!(
+        eventually(WAIT, || async {
+            lb.metric("tether_config_reloads_total{result=\"failed\"}")
+                .await
+                .unwrap_or(0.0)
+                > failed
+        })
+        .await,
+        "the bad reload was not counted\n{}",
+        tail(&lb.log(), 20)
+    );
+    assert!(lb.log().contains("is not the key of the certificate"));
+    assert!(presented(port, Some("site.test")).0 == after);
+    assert_eq!(h1.get(&url).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_cookies_are_secure_over_tls_and_not_over_plain_http_unless_configured() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let set_cookie = |secure: &str| {
+        format!(
+            "{}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"insert\"]\n\n[affinity.insert]\nsecrets = [\"tls-test-secret-0123456789\"]\n{secure}\n\n{}",
+            pki.tls_section(&["site"]),
+            backend.toml()
+        )
+    };
+    for (secure, plain_secure, tls_secure) in [
+        ("", false, true),
+        ("secure = true", true, true),
+        ("secure = false", false, false),
+    ] {
+        let port = free_port();
+        let options = BalancerOptions {
+            server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
+            ..BalancerOptions::default()
+        };
+        let lb = Balancer::start_with(options, &set_cookie(secure)).await;
+        let cookie_of = |resp: &reqwest::Response| {
+            resp.headers()
+                .get("set-cookie")
+                .expect("a minted key sets the cookie")
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let plain = client().get(lb.url("/")).send().await.unwrap();
+        let c = cookie_of(&plain);
+        assert_eq!(
+            c.contains("; Secure"),
+            plain_secure,
+            "{secure:?}, plain: {c}"
+        );
+        for http1_only in [true, false] {
+            let resp = https_client(&pki, "site.test", port, http1_only)
+                .get(format!("https://site.test:{port}/"))
+                .send()
+                .await
+                .unwrap();
+            let c = cookie_of(&resp);
+            assert_eq!(
+                c.contains("; Secure"),
+                tls_secure,
+                "{secure:?}, {:?}: {c}",
+                resp.version()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redirect_listener_sends_every_request_to_https_but_acme_challenges() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let (tls_port, redirect_port) = two_free_ports();
+    let options = BalancerOptions {
+        server_extra: format!(
+            "listen_tls = [\"127.0.0.1:{tls_port}\"]\nlisten_redirect = [\"127.0.0.1:{redirect_port}\"]\n"
+        ),
+        ..BalancerOptions::default()
+    };
+    let lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{redirect_port}");
+    for (method, path) in [
+        (reqwest::Method::GET, "/a/b?c=1"),
+        (reqwest::Method::HEAD, "/"),
+        (reqwest::Method::POST, "/form"),
+    ] {
+        let resp = no_redirects
+            .request(method.clone(), format!("{base}{path}"))
+            .header("host", "site.test")
+            .body(if method == reqwest::Method::POST {
+                "x=1"
+            } else {
+                ""
+            })
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", tail(&lb.log(), 20)));
+        assert_eq!(resp.status(), 308, "{method} {path}");
+        assert_eq!(
+            resp.headers()["location"],
+            format!("https://site.test:{tls_port}{path}").as_str()
+        );
+    }
+    assert_eq!(
+        backend.requests(),
+        0,
+        "a redirected request reached the backend"
+    );
+    let challenge = no_redirects
+        .get(format!("{base}/.well-known/acme-challenge/tok3n"))
+        .header("host", "site.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), 200);
+    assert_eq!(challenge.headers()["x-backend-id"], "b1");
+    assert_eq!(backend.requests(), 1);
+    // The plain listener is not a redirect listener.
+    assert_eq!(
+        client()
+            .get(lb.url("/plain"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
