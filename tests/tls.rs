@@ -676,3 +676,76 @@ async fn the_redirect_listener_sends_every_request_to_https_but_acme_challenges(
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_hands_the_tls_listener_over() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let port = free_port();
+    let options = BalancerOptions {
+        grace_period_secs: 1,
+        graceful_shutdown_timeout_secs: 1,
+        upgrade_sock: true,
+        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
+        ..BalancerOptions::default()
+    };
+    let mut lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let url = format!("https://site.test:{port}/");
+    for http1_only in [true, false] {
+        let c = https_client(&pki, "site.test", port, http1_only);
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    }
+    let upgrade = lb.graceful_upgrade().await;
+    assert_ne!(upgrade.new_pid, upgrade.old_pid);
+    // The old process is gone: whatever answers on the TLS port now is the new one.
+    for http1_only in [true, false] {
+        let c = https_client(&pki, "site.test", port, http1_only);
+        let resp = c
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("after the upgrade: {e}\n{}", tail(&lb.log(), 30)));
+        assert_eq!(resp.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_a_client_hello_and_a_silent_client_hurt_no_one_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let (mut lb, port) = tls_balancer(&pki.tls_section(&["site"]), &[&backend]).await;
+    // A client that connects and never says anything stays open meanwhile.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0, 0, 0][..],
+        &[0u8; 600][..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(garbage).await.unwrap();
+        let mut buf = [0u8; 1024];
+        // tether closes (maybe after a TLS alert); it never answers in HTTP.
+        let closed = tokio::time::timeout(WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(n) if buf[..n].starts_with(b"HTTP") => return false,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert_eq!(closed, Ok(true), "after {garbage:?}");
+    }
+    let c = https_client(&pki, "site.test", port, false);
+    let resp = c
+        .get(format!("https://site.test:{port}/"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
+    assert_eq!(resp.status(), 200);
+    assert!(lb.is_running(), "tether died");
+}
