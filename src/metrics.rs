@@ -39,6 +39,7 @@ pub mod names {
     pub const PINNED_SESSIONS: &str = "tether_backend_pinned_sessions";
     pub const HEALTH_CHECKS: &str = "tether_health_checks_total";
     pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
+    pub const REQUESTS_BY_PROTOCOL: &str = "tether_requests_by_protocol_total";
     pub const TLS_CERT_EXPIRY: &str = "tether_tls_certificate_expiry_timestamp_seconds";
 }
 
@@ -170,11 +171,23 @@ pub struct Metrics {
     pub pinned_sessions: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    /// By [`crate::route::Protocol`], then plain (0) or TLS (1): resolved once, counted per
+    /// request without a label lookup.
+    requests_by_protocol: [[IntCounter; 2]; 3],
     pub tls_cert_expiry: IntGaugeVec,
 }
 
 impl Metrics {
     /// The process-wide metrics, registered on first use.
+    /// The counter of requests of `protocol`, over TLS or not.
+    pub fn by_protocol(&self, protocol: crate::route::Protocol, tls: bool) -> &IntCounter {
+        let p = crate::route::Protocol::ALL
+            .iter()
+            .position(|x| *x == protocol)
+            .unwrap_or(1);
+        &self.requests_by_protocol[p][usize::from(tls)]
+    }
+
     pub fn get() -> &'static Metrics {
         static METRICS: OnceLock<Metrics> = OnceLock::new();
         METRICS.get_or_init(Metrics::register)
@@ -268,6 +281,16 @@ impl Metrics {
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
             )
             .expect(OK),
+            requests_by_protocol: {
+                let vec = register_int_counter_vec!(
+                    Opts::new(REQUESTS_BY_PROTOCOL, "Requests an engine served or answered (not those refused at the head or redirected), by the HTTP version the client used (http/1.0, http/1.1, h2) and scheme (http, https)"),
+                    &["protocol", "scheme"]
+                )
+                .expect(OK);
+                crate::route::Protocol::ALL.map(|p| {
+                    ["http", "https"].map(|scheme| vec.with_label_values(&[p.as_str(), scheme]))
+                })
+            },
             tls_handshakes: register_int_counter_vec!(
                 Opts::new(TLS_HANDSHAKES, "Completed TLS handshakes on the TLS listeners, by TLS version: 1.2, 1.3"),
                 &["version"]

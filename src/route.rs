@@ -386,6 +386,31 @@ pub(crate) struct Outcome<'a> {
     pub(crate) status: u16,
     pub(crate) error: Option<&'a ErrorType>,
     pub(crate) tunnel: Option<&'a TunnelClosed>,
+    /// How the client spoke to tether.
+    pub(crate) protocol: Protocol,
+    /// Over TLS (a `listen_tls` listener).
+    pub(crate) tls: bool,
+}
+
+/// The HTTP version a client used, for the access log and
+/// `tether_requests_by_protocol_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http10,
+    Http11,
+    H2,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Http10, Protocol::Http11, Protocol::H2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http10 => "http/1.0",
+            Protocol::Http11 => "http/1.1",
+            Protocol::H2 => "h2",
+        }
+    }
 }
 
 /// Count a request answered without a backend (none available, or refused before routing) in
@@ -410,6 +435,7 @@ pub(crate) fn record(o: Outcome<'_>) {
         (None, Some(_)) => count_unrouted(o.status),
         _ => {}
     }
+    Metrics::get().by_protocol(o.protocol, o.tls).inc();
     if o.live.config.server.access_log {
         // One structured line per request. The key is its keyed hash, never the raw
         // session id; the path is logged without its query (which may carry a sid).
@@ -421,6 +447,8 @@ pub(crate) fn record(o: Outcome<'_>) {
             client = %OrDash(o.client),
             method = %o.method,
             path = o.path,
+            protocol = o.protocol.as_str(),
+            tls = o.tls,
             status = o.status,
             backend = o.backend.map_or("-", |g| &*g.backend().id),
             key = %OrDash(o.key.map(|k| k.hash)),

@@ -265,6 +265,18 @@ async fn one_session_reaches_one_backend_over_http2_and_http1_with_forwarded_pro
         .expect("someone served /plain");
     let last = served.last_headers();
     assert_eq!(last.get("x-forwarded-proto").unwrap(), "http");
+    // Six sessions, two requests each way; and the plain one.
+    for (sample, least) in [
+        ("protocol=\"h2\",scheme=\"https\"", 12.0),
+        ("protocol=\"http/1.1\",scheme=\"https\"", 12.0),
+        ("protocol=\"http/1.1\",scheme=\"http\"", 1.0),
+    ] {
+        let n = lb
+            .metric(&format!("tether_requests_by_protocol_total{{{sample}}}"))
+            .await
+            .unwrap_or(0.0);
+        assert!(n >= least, "{sample}: {n}");
+    }
     let handshakes = lb
         .metric("tether_tls_handshakes_total{version=\"1.3\"}")
         .await
@@ -690,7 +702,8 @@ async fn a_graceful_upgrade_hands_the_tls_listener_over() {
         server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
         ..BalancerOptions::default()
     };
-    let mut lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let mut lb =
+        Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
     let url = format!("https://site.test:{port}/");
     for http1_only in [true, false] {
         let c = https_client(&pki, "site.test", port, http1_only);
@@ -718,13 +731,17 @@ async fn garbage_instead_of_a_client_hello_and_a_silent_client_hurt_no_one_else(
     let backend = Backend::start("b1").await;
     let (mut lb, port) = tls_balancer(&pki.tls_section(&["site"]), &[&backend]).await;
     // A client that connects and never says anything stays open meanwhile.
-    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     for garbage in [
         &b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n"[..],
         &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0, 0, 0][..],
         &[0u8; 600][..],
     ] {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
         s.write_all(garbage).await.unwrap();
         let mut buf = [0u8; 1024];
         // tether closes (maybe after a TLS alert); it never answers in HTTP.
@@ -748,4 +765,76 @@ async fn garbage_instead_of_a_client_hello_and_a_silent_client_hurt_no_one_else(
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
     assert_eq!(resp.status(), 200);
     assert!(lb.is_running(), "tether died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_is_upgraded_and_echoes() {
+    use std::io::Read as _;
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let (lb, port) = tls_balancer(&pki.tls_section(&["site"]), &[&backend]).await;
+    let ca = pki.ca_pem.clone();
+    // A blocking rustls client speaking HTTP/1.1 (WebSockets are not offered over h2).
+    let echoed = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from("site.test").unwrap(),
+        )
+        .unwrap();
+        let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: site.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              x-session-id: ws-1\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // One masked text frame, "hi".
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | 2];
+        frame.extend_from_slice(&mask);
+        frame.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        tls.write_all(&frame).unwrap();
+        let mut hdr = [0u8; 2];
+        tls.read_exact(&mut hdr).unwrap();
+        let mut payload = vec![0u8; usize::from(hdr[1] & 0x7f)];
+        tls.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
+    assert_eq!(echoed, "b1:hi");
+    assert!(
+        eventually(WAIT, || async {
+            lb.metric("tether_requests_by_protocol_total{protocol=\"http/1.1\",scheme=\"https\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await,
+        "the upgrade was not counted once its tunnel closed"
+    );
 }

@@ -33,7 +33,9 @@ use crate::backend::{ActiveGuard, Backend, BackendKey, now_ms};
 use crate::http::framing::{BadChunk, ChunkDecoder, ResponseBody};
 use crate::http::headers::{forwarded_for, forwarded_proto};
 use crate::http::{self, ErrorAnswer, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, Request};
-use crate::route::{Outcome, connect_failed, count_upstream_error, insert_cookie, record};
+use crate::route::{
+    Outcome, Protocol, connect_failed, count_upstream_error, insert_cookie, record,
+};
 use crate::state::{Live, State, TunnelGuard};
 
 use super::tunnel;
@@ -127,6 +129,8 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut Stream) -> Done {
                 status,
                 error: error.as_ref(),
                 tunnel: None,
+                protocol: Protocol::Http11,
+                tls,
             });
             if keep_alive {
                 Done::KeepAlive
@@ -156,6 +160,7 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut Stream) -> Done {
                     client: peer,
                     method,
                     path: route_path.to_owned(),
+                    tls,
                 },
             }))
         }
@@ -183,6 +188,7 @@ struct UpgradeLog {
     client: Option<std::net::IpAddr>,
     method: ::http::Method,
     path: String,
+    tls: bool,
 }
 
 impl Upgraded {
@@ -213,6 +219,8 @@ impl Upgraded {
                 status: 101,
                 error: None,
                 tunnel: Some(&closed),
+                protocol: Protocol::Http11,
+                tls: log.tls,
             });
             drop(log.tunnel);
         });

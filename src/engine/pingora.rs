@@ -42,7 +42,9 @@ use crate::http::framing::{ChunkDecoder, RequestBody};
 use crate::http::headers::{Hop, forwarded_for, forwarded_proto, joined_cookies};
 use crate::http::{self, ErrorAnswer};
 use crate::metrics::UpstreamError;
-use crate::route::{Outcome, connect_failed, count_upstream_error, insert_cookie, record};
+use crate::route::{
+    Outcome, Protocol, connect_failed, count_upstream_error, insert_cookie, record,
+};
 use crate::state::{Live, State};
 
 /// The Pingora proxy.
@@ -492,6 +494,14 @@ impl ProxyHttp for Router {
             status,
             error: e.map(|e| e.etype()),
             tunnel: None,
+            protocol: if session.as_downstream().is_http2() {
+                Protocol::H2
+            } else if req.version == ::http::Version::HTTP_10 {
+                Protocol::Http10
+            } else {
+                Protocol::Http11
+            },
+            tls: came_over_tls(session),
         });
     }
 }
