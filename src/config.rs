@@ -160,6 +160,11 @@ pub struct ServerSettings {
     pub max_request_header_bytes: usize,
     /// Request header lines; beyond it 431.
     pub max_request_headers: usize,
+    /// HTTP/2 (TLS listeners): streams a client may have open at once on one connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: the most a request's decoded header list may take (HPACK's count: names, values
+    /// and 32 bytes per field).
+    pub h2_max_header_list_bytes: u32,
     /// Which engine serves requests without a body (see [`Engine`]).
     pub engine: Engine,
 }
@@ -670,6 +675,8 @@ mod file {
         pub client_header_timeout_ms: Option<Spanned<u64>>,
         pub max_request_header_bytes: Option<Spanned<u64>>,
         pub max_request_headers: Option<Spanned<u64>>,
+        pub h2_max_concurrent_streams: Option<Spanned<u64>>,
+        pub h2_max_header_list_bytes: Option<Spanned<u64>>,
         pub engine: Option<Spanned<String>>,
     }
 
@@ -926,6 +933,22 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         8,
         255,
     ) as usize;
+    // HTTP/2 from clients (TLS listeners): NGINX's defaults (`http2_max_concurrent_streams 128`;
+    // a header list as large as `large_client_header_buffers 4 8k`).
+    let h2_max_concurrent_streams = d.range(
+        &s.h2_max_concurrent_streams,
+        "h2_max_concurrent_streams",
+        128,
+        1,
+        1000,
+    ) as u32;
+    let h2_max_header_list_bytes = d.range(
+        &s.h2_max_header_list_bytes,
+        "h2_max_header_list_bytes",
+        32 * 1024,
+        1024,
+        1_048_576,
+    ) as u32;
     let engine = match &s.engine {
         None => Engine::Lean,
         Some(e) => match e.get_ref().as_str() {
@@ -954,6 +977,8 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         client_header_timeout,
         max_request_header_bytes,
         max_request_headers,
+        h2_max_concurrent_streams,
+        h2_max_header_list_bytes,
         engine,
     })
 }

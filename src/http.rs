@@ -511,6 +511,14 @@ pub fn restart_only(old: &ServerSettings, new: &ServerSettings) -> Vec<&'static 
         ("server.listen", old.listen != new.listen),
         ("server.listen_tls", old.listen_tls != new.listen_tls),
         (
+            "server.h2_max_concurrent_streams",
+            old.h2_max_concurrent_streams != new.h2_max_concurrent_streams,
+        ),
+        (
+            "server.h2_max_header_list_bytes",
+            old.h2_max_header_list_bytes != new.h2_max_header_list_bytes,
+        ),
+        (
             "server.listen_redirect",
             old.listen_redirect != new.listen_redirect,
         ),

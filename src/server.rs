@@ -71,6 +71,11 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
         server.configuration.clone(),
     );
     pingora_proxy.handle_init_modules();
+    // HTTP/2 from clients: Pingora's bounded defaults, with tether's limits (bound at start).
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(config.server.h2_max_concurrent_streams)
+        .max_header_list_size(config.server.h2_max_header_list_bytes);
+    pingora_proxy.h2_options = Some(h2);
     let mut proxy = Service::new(
         "tether proxy".to_string(),
         Front::new(pingora_proxy, state.clone()),

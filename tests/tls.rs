@@ -838,3 +838,40 @@ async fn a_websocket_over_tls_is_upgraded_and_echoes() {
         "the upgrade was not counted once its tunnel closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_come_from_the_config() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let port = free_port();
+    let options = BalancerOptions {
+        server_extra: format!(
+            "listen_tls = [\"127.0.0.1:{port}\"]\nh2_max_concurrent_streams = 7\nh2_max_header_list_bytes = 4096\n"
+        ),
+        ..BalancerOptions::default()
+    };
+    let lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    // nghttp (nghttp2-client) prints the SETTINGS frame tether sends.
+    let out = Command::new("nghttp")
+        .args(["-nv", "-t", "10", &format!("https://127.0.0.1:{port}/")])
+        .output()
+        .expect("nghttp runs (apt-get install nghttp2-client)");
+    let verbose = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        verbose.contains("SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7]"),
+        "nghttp did not see tether's SETTINGS:\n{verbose}"
+    );
+    // A header list past 4 KiB is refused; a small one passes.
+    let h2 = https_client(&pki, "site.test", port, false);
+    let url = format!("https://site.test:{port}/");
+    let big = h2.get(&url).header("x-big", "a".repeat(6000)).send().await;
+    // An error is the stream reset: refused as well.
+    if let Ok(resp) = big {
+        assert_eq!(resp.status(), 431, "a 6 KB header list passed");
+    }
+    let small = h2.get(&url).header("x-small", "a".repeat(100)).send().await;
+    let small = small.unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
+    assert_eq!(small.status(), 200);
+    assert_eq!(small.version(), reqwest::Version::HTTP_2);
+}
