@@ -480,18 +480,33 @@ pub struct ConfigError {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+impl Diagnostic {
+    /// `FILE:LINE:COL: <label>message` (`FILE: ...` without a position), as `tether check`
+    /// prints it; `label` is e.g. `"warning: "`, or empty for an error.
+    pub fn located<'a>(&'a self, path: &'a Path, label: &'a str) -> impl fmt::Display + 'a {
+        struct Located<'a>(&'a Diagnostic, &'a Path, &'a str);
+        impl fmt::Display for Located<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let Located(d, path, label) = self;
+                match d.position {
+                    Some((line, col)) => {
+                        write!(f, "{}:{line}:{col}: {label}{}", path.display(), d.message)
+                    }
+                    None => write!(f, "{}: {label}{}", path.display(), d.message),
+                }
+            }
+        }
+        Located(self, path, label)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, d) in self.diagnostics.iter().enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            match d.position {
-                Some((line, col)) => {
-                    write!(f, "{}:{line}:{col}: {}", self.path.display(), d.message)?
-                }
-                None => write!(f, "{}: {}", self.path.display(), d.message)?,
-            }
+            write!(f, "{}", d.located(&self.path, ""))?;
         }
         Ok(())
     }
@@ -790,7 +805,7 @@ fn validate_tls(
             "[tls] has certificates but no listener uses them: add `listen_tls` to [server]",
         );
     }
-    let now = crate::tls::unix_now();
+    let now = crate::affinity::cookie::unix_secs() as i64;
     let mut certs = Vec::new();
     for pair in list.into_inner() {
         let pair = pair.into_inner();
@@ -1554,7 +1569,7 @@ fn validate_redis(
 
 /// The most a config file, or a PEM file it names, may hold: far more than any real one.
 const MAX_CONFIG_FILE: u64 = 4 << 20;
-const MAX_PEM_FILE: u64 = 4 << 20;
+pub(crate) const MAX_PEM_FILE: u64 = 4 << 20;
 
 /// Read a regular file of at most `limit` bytes. A device, a FIFO or a directory is refused
 /// before it is read (`/dev/zero` would never end, a FIFO would wait for a writer).
@@ -1955,33 +1970,33 @@ address = "127.0.0.1:3001"
 
     #[test]
     fn tls_listeners_need_certificates_and_certificates_need_a_listener() {
-        let e = errors(&BASE.replace(
-            "listen = [\"127.0.0.1:8080\"]",
-            "listen = [\"127.0.0.1:8080\"]\nlisten_tls = [\"127.0.0.1:8080\"]",
-        ));
-        assert!(
-            e.contains("t.toml:4:15: `127.0.0.1:8080` is in two of"),
-            "{e}"
-        );
-        let e = errors(&BASE.replace(
-            "listen = [\"127.0.0.1:8080\"]",
-            "listen_tls = [\"127.0.0.1:8443\"]\nlisten_redirect = [\"127.0.0.1:8443\"]",
-        ));
-        assert!(
-            e.contains("t.toml:4:20: `127.0.0.1:8443` is in two of"),
-            "{e}"
-        );
-        assert!(
-            e.contains("`[server] listen_tls` needs a [tls] section"),
-            "{e}"
-        );
-        let e = errors(&format!(
-            "{BASE}\n[tls]\ncerts = [{{ cert = \"c.pem\", key = \"k.pem\" }}]\n"
-        ));
-        assert!(e.contains("no listener uses them"), "{e}");
-        assert!(e.contains("cannot read"), "{e}");
-        let e = errors(&format!("{BASE}\n[tls]\ncerts = []\n"));
-        assert!(e.contains("[tls] needs `certs"), "{e}");
+        let listen = |lines: &str| BASE.replace("listen = [\"127.0.0.1:8080\"]", lines);
+        for (text, wanted) in [
+            (
+                listen("listen = [\"127.0.0.1:8080\"]\nlisten_tls = [\"127.0.0.1:8080\"]"),
+                &["t.toml:4:15: `127.0.0.1:8080` is in two of"][..],
+            ),
+            (
+                listen("listen_tls = [\"127.0.0.1:8443\"]\nlisten_redirect = [\"127.0.0.1:8443\"]"),
+                &[
+                    "t.toml:4:20: `127.0.0.1:8443` is in two of",
+                    "`[server] listen_tls` needs a [tls] section",
+                ],
+            ),
+            (
+                format!("{BASE}\n[tls]\ncerts = [{{ cert = \"c.pem\", key = \"k.pem\" }}]\n"),
+                &["no listener uses them", "cannot read"],
+            ),
+            (
+                format!("{BASE}\n[tls]\ncerts = []\n"),
+                &["[tls] needs `certs"],
+            ),
+        ] {
+            let e = errors(&text);
+            for w in wanted {
+                assert!(e.contains(w), "want `{w}` in:\n{e}");
+            }
+        }
         let only_tls = BASE.replace("listen = ", "listen_tls = ");
         let e = errors(&only_tls);
         assert!(!e.contains("needs `listen`"), "{e}");

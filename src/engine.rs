@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use self::pingora::{BodyFence, Router};
-use crate::affinity::is_engine_io_handshake;
+use crate::affinity::{RequestHeaders, is_engine_io_handshake};
 use crate::config::Engine;
 use crate::http::framing::RequestBody;
 use crate::http::{self, Refusal};
@@ -253,8 +253,11 @@ impl Front {
             Err(r) => return self.refuse(c, r).await,
         };
         if c.redirect && http::redirects(checked.target) {
-            let answer = redirect_answer(&req, &checked, server, *c.shutdown.borrow());
-            return self.redirect(c, answer, head_len).await;
+            let stopping = *c.shutdown.borrow();
+            return match redirect_answer(&req, &checked, server, stopping) {
+                Ok((answer, close)) => self.redirect(c, &answer, close, head_len).await,
+                Err(refusal) => self.refuse(c, refusal).await,
+            };
         }
         let query = checked.target.split_once('?').map(|(_, q)| q);
         let engine_io = live
@@ -296,19 +299,11 @@ impl Front {
         }
     }
 
-    /// Send a redirect listener's answer ([`redirect_answer`]).
-    async fn redirect(
-        &self,
-        c: &mut Client,
-        answer: Result<(Vec<u8>, bool), Refusal>,
-        head_len: usize,
-    ) -> Next {
-        let (bytes, close) = match answer {
-            Ok(a) => a,
-            Err(refusal) => return self.refuse(c, refusal).await,
-        };
+    /// Send a redirect listener's answer ([`redirect_answer`]); `close`: the connection
+    /// closes after it.
+    async fn redirect(&self, c: &mut Client, answer: &[u8], close: bool, head_len: usize) -> Next {
         crate::route::count_unrouted(308);
-        if lean::write_flush(&mut c.stream, &bytes).await.is_err() || close {
+        if lean::write_flush(&mut c.stream, answer).await.is_err() || close {
             return Next::Close;
         }
         c.buf.drain(..head_len);
@@ -338,13 +333,14 @@ fn redirect_answer(
     server: &crate::config::ServerSettings,
     stopping: bool,
 ) -> Result<(Vec<u8>, bool), Refusal> {
-    let host = checked.authority.or_else(|| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("host"))
-            .and_then(|h| std::str::from_utf8(h.value.trim_ascii()).ok())
-    });
-    let host = host.ok_or(Refusal::bad_request("no Host to redirect to"))?;
+    // check_request let through one valid Host (ASCII) or an absolute-form authority. Looked up
+    // here, on redirect listeners only, rather than carried by every request.
+    let host = checked
+        .authority
+        .map(str::as_bytes)
+        .or_else(|| req.headers.values("host").next().map(<[u8]>::trim_ascii))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or(Refusal::bad_request("no Host to redirect to"))?;
     let port = server.listen_tls.first().map_or(443, |a| a.port());
     let close = checked.close || checked.body != RequestBody::None || stopping;
     let date = ::pingora::protocols::http::date::get_cached_date();

@@ -52,12 +52,7 @@ fn main() -> ExitCode {
                 match Config::load(f) {
                     Ok(c) => {
                         for w in &c.warnings {
-                            match w.position {
-                                Some((line, col)) => {
-                                    println!("{}:{line}:{col}: warning: {}", f.display(), w.message)
-                                }
-                                None => println!("{}: warning: {}", f.display(), w.message),
-                            }
+                            println!("{}", w.located(f, "warning: "));
                         }
                         println!("{}: ok", f.display())
                     }

@@ -396,12 +396,13 @@ pub(crate) struct Outcome<'a> {
 /// `tether_requests_by_protocol_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    Http10,
-    Http11,
-    H2,
+    Http10 = 0,
+    Http11 = 1,
+    H2 = 2,
 }
 
 impl Protocol {
+    /// In discriminant order (`Protocol as usize` indexes it).
     pub const ALL: [Protocol; 3] = [Protocol::Http10, Protocol::Http11, Protocol::H2];
 
     pub fn as_str(self) -> &'static str {

@@ -124,6 +124,14 @@ pub struct State {
     pub tls: Option<Arc<crate::tls::SniResolver>>,
 }
 
+/// Log a loaded configuration's warnings (a certificate expiring soon) as `tether check` prints
+/// them.
+fn log_warnings(config: &Config, path: &Path) {
+    for w in &config.warnings {
+        warn!("{}", w.located(path, ""));
+    }
+}
+
 impl State {
     /// Build the shared state; connects to Redis when configured (on the current runtime, which
     /// must outlive the state: the refresher and prober run there).
@@ -145,9 +153,7 @@ impl State {
             }
         };
         let upstream_keepalive_pool = config.server.upstream_keepalive_pool;
-        for w in &config.warnings {
-            warn!("{}: {}", config_path.display(), w.message);
-        }
+        log_warnings(&config, config_path);
         let tls = config
             .tls
             .as_ref()
@@ -221,18 +227,16 @@ impl State {
         }
         let old = self.live.load_full();
         let report = diff(&old.config, &config);
-        for w in &config.warnings {
-            warn!("{}: {}", self.config_path.display(), w.message);
-        }
+        log_warnings(&config, &self.config_path);
         // New handshakes take the new certificates; open connections keep theirs.
-        if let (Some(resolver), Some(tls)) = (&self.tls, &config.tls) {
+        if let (Some(resolver), Some(tls)) = (&self.tls, &config.tls)
+            && old.config.tls.as_ref() != Some(tls)
+        {
             resolver.replace(&tls.certs);
-            if old.config.tls.as_ref() != Some(tls) {
-                info!(
-                    certificates = ?tls.certs.iter().map(|c| c.names.join(",")).collect::<Vec<_>>(),
-                    "TLS certificates reloaded"
-                );
-            }
+            info!(
+                certificates = ?tls.certs.iter().map(|c| c.names.join(",")).collect::<Vec<_>>(),
+                "TLS certificates reloaded"
+            );
         }
         let ttl = config.affinity.ttl;
         let live = Live::new(config, self.hasher.clone(), &self.interner, Some(&old));

@@ -23,9 +23,6 @@ use rustls::sign::CertifiedKey;
 /// A certificate expiring sooner than this is a warning from `tether check` and at load.
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
 
-/// The most a certificate or key file may hold.
-const MAX_PEM_FILE: u64 = 4 << 20;
-
 /// One certificate chain and its key, loaded and checked.
 #[derive(Clone)]
 pub struct Certificate {
@@ -89,7 +86,7 @@ pub fn load(
     key_path: &Path,
     now: i64,
 ) -> Result<(Certificate, Option<String>), LoadError> {
-    let pem = crate::config::read_file_capped(cert_path, MAX_PEM_FILE)
+    let pem = crate::config::read_file_capped(cert_path, crate::config::MAX_PEM_FILE)
         .map_err(|e| cert_error(format!("cannot read {}: {e}", cert_path.display())))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
@@ -100,7 +97,7 @@ pub fn load(
             cert_path.display()
         )));
     }
-    let key_pem = crate::config::read_file_capped(key_path, MAX_PEM_FILE)
+    let key_pem = crate::config::read_file_capped(key_path, crate::config::MAX_PEM_FILE)
         .map_err(|e| key_error(format!("cannot read {}: {e}", key_path.display())))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         key_error(format!(
@@ -305,10 +302,10 @@ impl pingora::listeners::TlsAccept for HandshakeCounter {
         &self,
         tls: &pingora::protocols::tls::TlsRef,
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        // rustls names them `TLSv1_3` and `TLSv1_2`.
+        // rustls's names (the listeners offer nothing else).
         let version = match tls.version() {
-            Some(v) if v.ends_with("1_3") || v.ends_with("1.3") => "1.3",
-            Some(v) if v.ends_with("1_2") || v.ends_with("1.2") => "1.2",
+            Some("TLSv1_3") => "1.3",
+            Some("TLSv1_2") => "1.2",
             _ => "other",
         };
         crate::metrics::Metrics::get()
@@ -323,11 +320,4 @@ impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.store.load().pick(hello.server_name()))
     }
-}
-
-/// Now, in Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }

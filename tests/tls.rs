@@ -90,8 +90,13 @@ fn time_days(d: i64) -> time::Duration {
 
 /// The body of a config with `backends`, keyed by the session header, round robin.
 fn body(tls: &str, backends: &[&Backend]) -> String {
+    body_keyed(tls, &format!("header:{SESSION_HEADER}"), backends)
+}
+
+/// [`body`] keyed by `source`.
+fn body_keyed(tls: &str, source: &str, backends: &[&Backend]) -> String {
     let mut out = format!(
-        "{tls}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"header:{SESSION_HEADER}\"]\npolicy = \"round_robin\"\n\n"
+        "{tls}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"{source}\"]\npolicy = \"round_robin\"\n\n"
     );
     for b in backends {
         out.push_str(&b.toml());
@@ -102,13 +107,18 @@ fn body(tls: &str, backends: &[&Backend]) -> String {
 
 /// A tether with one TLS listener (and the harness's plain one); returns it and the TLS port.
 async fn tls_balancer(tls: &str, backends: &[&Backend]) -> (Balancer, u16) {
+    tls_balancer_with(BalancerOptions::default(), &body(tls, backends)).await
+}
+
+/// [`tls_balancer`] with `options` (their `server_extra` follows `listen_tls`) and a config body
+/// of the test's own.
+async fn tls_balancer_with(mut options: BalancerOptions, config_body: &str) -> (Balancer, u16) {
     let port = free_port();
-    let options = BalancerOptions {
-        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
-        ..BalancerOptions::default()
-    };
-    let lb = Balancer::start_with(options, &body(tls, backends)).await;
-    (lb, port)
+    options.server_extra = format!(
+        "listen_tls = [\"127.0.0.1:{port}\"]\n{}",
+        options.server_extra
+    );
+    (Balancer::start_with(options, config_body).await, port)
 }
 
 /// A reqwest client trusting only the test CA, resolving `host` to the TLS listener.
@@ -293,19 +303,8 @@ async fn http2_cookie_crumbs_key_the_session_and_reach_the_backend_as_one_field(
     pki.issue("site", &["site.test"], -1, 90);
     let backends = [Backend::start("b1").await, Backend::start("b2").await];
     let refs: Vec<&Backend> = backends.iter().collect();
-    let port = free_port();
-    let options = BalancerOptions {
-        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
-        ..BalancerOptions::default()
-    };
-    let mut config = format!(
-        "{}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"cookie:sid\"]\npolicy = \"round_robin\"\n\n",
-        pki.tls_section(&["site"])
-    );
-    for b in &refs {
-        config.push_str(&b.toml());
-    }
-    let lb = Balancer::start_with(options, &config).await;
+    let config = body_keyed(&pki.tls_section(&["site"]), "cookie:sid", &refs);
+    let (lb, port) = tls_balancer_with(BalancerOptions::default(), &config).await;
     let h2 = https_client(&pki, "site.test", port, false);
     let h1 = https_client(&pki, "site.test", port, true);
     let url = format!("https://site.test:{port}/crumbs");
@@ -573,9 +572,8 @@ async fn insert_cookies_are_secure_over_tls_and_not_over_plain_http_unless_confi
     let backend = Backend::start("b1").await;
     let set_cookie = |secure: &str| {
         format!(
-            "{}[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"insert\"]\n\n[affinity.insert]\nsecrets = [\"tls-test-secret-0123456789\"]\n{secure}\n\n{}",
-            pki.tls_section(&["site"]),
-            backend.toml()
+            "{}\n[affinity.insert]\nsecrets = [\"tls-test-secret-0123456789\"]\n{secure}\n",
+            body_keyed(&pki.tls_section(&["site"]), "insert", &[&backend])
         )
     };
     for (secure, plain_secure, tls_secure) in [
@@ -583,12 +581,7 @@ async fn insert_cookies_are_secure_over_tls_and_not_over_plain_http_unless_confi
         ("secure = true", true, true),
         ("secure = false", false, false),
     ] {
-        let port = free_port();
-        let options = BalancerOptions {
-            server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
-            ..BalancerOptions::default()
-        };
-        let lb = Balancer::start_with(options, &set_cookie(secure)).await;
+        let (lb, port) = tls_balancer_with(BalancerOptions::default(), &set_cookie(secure)).await;
         let cookie_of = |resp: &reqwest::Response| {
             resp.headers()
                 .get("set-cookie")
@@ -626,14 +619,13 @@ async fn the_redirect_listener_sends_every_request_to_https_but_acme_challenges(
     let pki = Pki::new();
     pki.issue("site", &["site.test"], -1, 90);
     let backend = Backend::start("b1").await;
-    let (tls_port, redirect_port) = two_free_ports();
+    let redirect_port = free_port();
     let options = BalancerOptions {
-        server_extra: format!(
-            "listen_tls = [\"127.0.0.1:{tls_port}\"]\nlisten_redirect = [\"127.0.0.1:{redirect_port}\"]\n"
-        ),
+        server_extra: format!("listen_redirect = [\"127.0.0.1:{redirect_port}\"]\n"),
         ..BalancerOptions::default()
     };
-    let lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let (lb, tls_port) =
+        tls_balancer_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
     let no_redirects = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -694,16 +686,14 @@ async fn a_graceful_upgrade_hands_the_tls_listener_over() {
     let pki = Pki::new();
     pki.issue("site", &["site.test"], -1, 90);
     let backend = Backend::start("b1").await;
-    let port = free_port();
     let options = BalancerOptions {
         grace_period_secs: 1,
         graceful_shutdown_timeout_secs: 1,
         upgrade_sock: true,
-        server_extra: format!("listen_tls = [\"127.0.0.1:{port}\"]\n"),
         ..BalancerOptions::default()
     };
-    let mut lb =
-        Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let (mut lb, port) =
+        tls_balancer_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
     let url = format!("https://site.test:{port}/");
     for http1_only in [true, false] {
         let c = https_client(&pki, "site.test", port, http1_only);
@@ -844,14 +834,12 @@ async fn http2_limits_come_from_the_config() {
     let pki = Pki::new();
     pki.issue("site", &["site.test"], -1, 90);
     let backend = Backend::start("b1").await;
-    let port = free_port();
     let options = BalancerOptions {
-        server_extra: format!(
-            "listen_tls = [\"127.0.0.1:{port}\"]\nh2_max_concurrent_streams = 7\nh2_max_header_list_bytes = 4096\n"
-        ),
+        server_extra: "h2_max_concurrent_streams = 7\nh2_max_header_list_bytes = 4096\n".into(),
         ..BalancerOptions::default()
     };
-    let lb = Balancer::start_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
+    let (lb, port) =
+        tls_balancer_with(options, &body(&pki.tls_section(&["site"]), &[&backend])).await;
     // nghttp (nghttp2-client) prints the SETTINGS frame tether sends.
     let out = Command::new("nghttp")
         .args(["-nv", "-t", "10", &format!("https://127.0.0.1:{port}/")])

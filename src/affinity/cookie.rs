@@ -127,10 +127,9 @@ pub struct InsertCookies {
     pub name: String,
     /// Keyed MAC states, cloned per use: the first signs, all verify.
     macs: Vec<Hmac<Sha256>>,
-    /// `; Path=/; HttpOnly` and `; SameSite=Lax...`, fixed at start-up: `; Secure` goes between
-    /// them when [`InsertCookies::secure`] says so.
-    attributes: (String, String),
-    secure: Option<bool>,
+    /// `; Path=/; HttpOnly; SameSite=Lax...`, fixed at start-up: on responses to plain
+    /// requests, and (`[1]`) to TLS requests, which differ by `; Secure` when `secure` is unset.
+    attributes: [String; 2],
     /// How long after its issue time a cookie is valid, in seconds.
     lifetime_secs: u64,
 }
@@ -172,20 +171,26 @@ impl InsertCookies {
                 Hmac::<Sha256>::new_from_slice(k.expose()).expect("HMAC takes keys of any length")
             })
             .collect();
-        let mut before = String::from("; Path=/");
-        if s.http_only {
-            before.push_str("; HttpOnly");
-        }
-        let mut after = String::from("; SameSite=");
-        after.push_str(s.same_site.as_str());
-        if let Some(age) = s.max_age {
-            after.push_str(&format!("; Max-Age={}", age.as_secs()));
-        }
+        let attributes = |tls: bool| {
+            let mut a = String::from("; Path=/");
+            if s.http_only {
+                a.push_str("; HttpOnly");
+            }
+            // Unset: Secure where the request came over TLS.
+            if s.secure.unwrap_or(tls) {
+                a.push_str("; Secure");
+            }
+            a.push_str("; SameSite=");
+            a.push_str(s.same_site.as_str());
+            if let Some(age) = s.max_age {
+                a.push_str(&format!("; Max-Age={}", age.as_secs()));
+            }
+            a
+        };
         InsertCookies {
             name: s.cookie.clone(),
             macs,
-            attributes: (before, after),
-            secure: s.secure,
+            attributes: [attributes(false), attributes(true)],
             lifetime_secs: s.max_age.map_or(DEFAULT_LIFETIME_SECS, |a| a.as_secs()),
         }
     }
@@ -234,11 +239,6 @@ impl InsertCookies {
         self.set_cookie_at(key, backend, unix_secs(), tls)
     }
 
-    /// Whether a cookie set on a response to a TLS request (`tls`) or a plain one is `Secure`.
-    pub fn secure(&self, tls: bool) -> bool {
-        self.secure.unwrap_or(tls)
-    }
-
     /// [`InsertCookies::set_cookie`] with the issue time given (Unix seconds).
     pub fn set_cookie_at(&self, key: &[u8], backend: &str, issued: u64, tls: bool) -> String {
         let issued = issued.to_string();
@@ -246,9 +246,9 @@ impl InsertCookies {
             .finalize()
             .into_bytes();
         let sig = URL_SAFE_NO_PAD.encode(&tag[..16]);
-        let (before, after) = &self.attributes;
+        let attributes = &self.attributes[usize::from(tls)];
         let mut out = String::with_capacity(
-            self.name.len() + 72 + issued.len() + backend.len() + before.len() + after.len(),
+            self.name.len() + 64 + issued.len() + backend.len() + attributes.len(),
         );
         out.push_str(&self.name);
         out.push('=');
@@ -259,11 +259,7 @@ impl InsertCookies {
         out.push_str(backend);
         out.push('.');
         out.push_str(&sig);
-        out.push_str(before);
-        if self.secure(tls) {
-            out.push_str("; Secure");
-        }
-        out.push_str(after);
+        out.push_str(attributes);
         out
     }
 
@@ -344,12 +340,11 @@ impl InsertCookies {
             .finalize()
             .into_bytes();
         format!(
-            "{}={}.{backend}.{}{}{}",
+            "{}={}.{backend}.{}{}",
             self.name,
             std::str::from_utf8(key).expect("base64url"),
             URL_SAFE_NO_PAD.encode(&tag[..16]),
-            self.attributes.0,
-            self.attributes.1
+            self.attributes[0]
         )
     }
 }

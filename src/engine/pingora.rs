@@ -68,6 +68,9 @@ pub struct RequestCtx {
     engine_io: Option<SidSearch>,
     /// A response header arrived from a backend: from then on nothing may be retried.
     responded: bool,
+    /// How the client speaks to tether and whether over TLS ([`client_side`]), read once in
+    /// `request_filter`.
+    client: Option<(Protocol, bool)>,
 }
 
 impl Router {
@@ -101,9 +104,24 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-/// The client reached tether over TLS (a `listen_tls` listener).
-fn came_over_tls(session: &Session) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+/// The HTTP version the client speaks, and whether it reached tether over TLS (a `listen_tls`
+/// listener).
+fn client_side(session: &Session) -> (Protocol, bool) {
+    let protocol = if session.as_downstream().is_http2() {
+        Protocol::H2
+    } else if session.req_header().version == ::http::Version::HTTP_10 {
+        Protocol::Http10
+    } else {
+        Protocol::Http11
+    };
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    (protocol, tls)
+}
+
+impl RequestCtx {
+    fn client(&mut self, session: &Session) -> (Protocol, bool) {
+        *self.client.get_or_insert_with(|| client_side(session))
+    }
 }
 
 /// The request's chunked body failed [`BodyFence`]'s check.
@@ -167,10 +185,12 @@ impl ProxyHttp for Router {
             started: Instant::now(),
             engine_io: None,
             responded: false,
+            client: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.client(session);
         if self.state.stopping.load(Ordering::Relaxed) {
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
@@ -356,7 +376,8 @@ impl ProxyHttp for Router {
         }
         // HTTP/2 cookie crumbs, one field for the HTTP/1.1 backend. (An HTTP/1.1 client's
         // lines go as sent, on either engine.)
-        if session.as_downstream().is_http2() {
+        let (protocol, tls) = ctx.client(session);
+        if protocol == Protocol::H2 {
             let cookies = upstream_request
                 .headers
                 .get_all(::http::header::COOKIE)
@@ -366,7 +387,6 @@ impl ProxyHttp for Router {
                 upstream_request.insert_header(::http::header::COOKIE, joined)?;
             }
         }
-        let tls = came_over_tls(session);
         upstream_request.insert_header("x-forwarded-proto", forwarded_proto(tls))?;
         Ok(())
     }
@@ -421,7 +441,7 @@ impl ProxyHttp for Router {
         for name in named {
             upstream_response.remove_header(&name);
         }
-        let tls = came_over_tls(session);
+        let (_, tls) = ctx.client(session);
         if let Some(cookie) = ctx
             .key
             .as_ref()
@@ -480,6 +500,7 @@ impl ProxyHttp for Router {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let backend = ctx.current.take();
+        let (protocol, tls) = ctx.client(session);
         let req = session.req_header();
         record(Outcome {
             live: &ctx.live,
@@ -494,14 +515,8 @@ impl ProxyHttp for Router {
             status,
             error: e.map(|e| e.etype()),
             tunnel: None,
-            protocol: if session.as_downstream().is_http2() {
-                Protocol::H2
-            } else if req.version == ::http::Version::HTTP_10 {
-                Protocol::Http10
-            } else {
-                Protocol::Http11
-            },
-            tls: came_over_tls(session),
+            protocol,
+            tls,
         });
     }
 }
@@ -548,8 +563,7 @@ async fn write_error_answer(session: &mut Session, status: u16) {
 pub(super) struct BodyFence {
     inner: Stream,
     /// Bytes the front already read off `inner` (the head, maybe body bytes), handed on first.
-    replay: Vec<u8>,
-    replayed: usize,
+    replay: Bytes,
     /// Head bytes still to pass before the body starts.
     head_left: usize,
     body: Fence,
@@ -580,8 +594,7 @@ impl BodyFence {
     ) -> BodyFence {
         BodyFence {
             inner,
-            replay: read,
-            replayed: 0,
+            replay: Bytes::from(read),
             head_left: head_len,
             body: match body {
                 RequestBody::None => Fence::Length(0),
@@ -673,14 +686,9 @@ impl AsyncRead for BodyFence {
             return this.poll_after(cx);
         }
         let before = buf.filled().len();
-        let read = if this.replayed < this.replay.len() {
-            let n = buf.remaining().min(this.replay.len() - this.replayed);
-            buf.put_slice(&this.replay[this.replayed..this.replayed + n]);
-            this.replayed += n;
-            if this.replayed == this.replay.len() {
-                this.replay = Vec::new();
-                this.replayed = 0;
-            }
+        let read = if !this.replay.is_empty() {
+            let n = buf.remaining().min(this.replay.len());
+            buf.put_slice(&this.replay.split_to(n));
             Poll::Ready(Ok(()))
         } else {
             Pin::new(&mut *this.inner).poll_read(cx, buf)
