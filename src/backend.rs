@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use prometheus::{IntCounter, IntGauge};
 
 use crate::config::{BackendSettings, UpstreamSettings};
@@ -141,6 +141,9 @@ pub struct Backend {
     /// The peer every request to this backend starts from (timeouts filled in); swapped by a
     /// reload that changes timeouts.
     peer: ArcSwap<HttpPeer>,
+    /// The peer's [`Peer::reuse_hash`]: a pooled connection serves only a peer of the same hash
+    /// (address, TLS, SNI, verification), as in Pingora's own pool.
+    reuse_hash: AtomicU64,
     active: AtomicUsize,
     /// [`now_ms`] until which the backend is ejected; 0 = never ejected.
     ejected_until_ms: AtomicU64,
@@ -164,8 +167,21 @@ pub struct BackendStats {
     pub duration: prometheus::Histogram,
 }
 
+/// The peer of backend `s`: its address, TLS (SNI, CAs, verification) and the timeouts. Both
+/// engines and the health checks connect to it through Pingora's connectors, so TLS to a
+/// backend is set up in one place.
 fn peer_for(s: &BackendSettings, upstream: &UpstreamSettings) -> HttpPeer {
-    let mut peer = HttpPeer::new(s.address, false, String::new());
+    let mut peer = match &s.tls {
+        None => HttpPeer::new(s.address, false, String::new()),
+        Some(tls) => {
+            let mut peer = HttpPeer::new(s.address, true, tls.sni.clone());
+            peer.options.verify_cert = tls.verify;
+            peer.options.verify_hostname = tls.verify;
+            peer.options.ca = tls.ca.as_ref().map(|ca| Arc::from(ca.for_pingora()));
+            peer
+        }
+    };
+    // A TLS handshake is bounded by the connect timeout too.
     peer.options.connection_timeout = Some(upstream.connect_timeout);
     peer.options.read_timeout = Some(upstream.read_timeout);
     peer.options.write_timeout = Some(upstream.write_timeout);
@@ -177,13 +193,16 @@ impl Backend {
     fn new(s: &BackendSettings, key: BackendKey, upstream: &UpstreamSettings) -> Backend {
         let m = Metrics::get();
         let id: Arc<str> = Arc::from(s.id.as_str());
+        let peer = peer_for(s, upstream);
+        let reuse_hash = peer.reuse_hash();
         Backend {
             id_hash: stable_hash(s.id.as_bytes()),
             key,
             address_text: s.address_text.clone(),
             addr: s.address,
             weight: AtomicU32::new(s.weight),
-            peer: ArcSwap::from_pointee(peer_for(s, upstream)),
+            peer: ArcSwap::from_pointee(peer),
+            reuse_hash: AtomicU64::new(reuse_hash),
             active: AtomicUsize::new(0),
             ejected_until_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -320,7 +339,14 @@ impl Backend {
     /// Apply a reloaded configuration of the same backend (same id and address).
     fn reconfigure(&self, s: &BackendSettings, upstream: &UpstreamSettings) {
         self.weight.store(s.weight, Ordering::Relaxed);
-        self.peer.store(Arc::new(peer_for(s, upstream)));
+        let peer = peer_for(s, upstream);
+        self.reuse_hash.store(peer.reuse_hash(), Ordering::Relaxed);
+        self.peer.store(Arc::new(peer));
+    }
+
+    /// The [`Peer::reuse_hash`] of [`Backend::peer`].
+    pub fn reuse_hash(&self) -> u64 {
+        self.reuse_hash.load(Ordering::Relaxed)
     }
 }
 
@@ -448,6 +474,7 @@ pub(crate) mod tests {
             .map(|(i, id)| BackendSettings {
                 id: id.to_string(),
                 address_text: format!("127.0.0.1:{}", 3000 + i),
+                tls: None,
                 address: format!("127.0.0.1:{}", 3000 + i).parse().unwrap(),
                 weight: 1,
             })

@@ -352,6 +352,22 @@ pub struct CaCertificates {
     pub pem: Vec<u8>,
 }
 
+impl CaCertificates {
+    /// The certificates as Pingora's connectors take them (a backend's `ca_file`).
+    pub fn for_pingora(&self) -> Vec<pingora::utils::tls::WrappedX509> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::pem_slice_iter(&self.pem)
+            // Validation parsed every one of them (`validate_ca_file`).
+            .filter_map(Result::ok)
+            .filter(|der| x509_parser::parse_x509_certificate(der).is_ok())
+            .map(|der| {
+                pingora::utils::tls::WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509)
+            })
+            .collect()
+    }
+}
+
 impl fmt::Debug for CaCertificates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The contents are public, but long: the path and a digest of the bytes say enough (and
@@ -422,6 +438,21 @@ pub struct BackendSettings {
     pub address_text: String,
     pub address: SocketAddr,
     pub weight: u32,
+    /// `tls = true`: tether speaks TLS to this backend.
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS to a backend (`tls = true` in its `[[backend]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTls {
+    /// The name sent as SNI and checked against the backend's certificate: `sni`, else the host
+    /// of `address` (an IP address is checked against the certificate's IP names, and sent as
+    /// no SNI).
+    pub sni: String,
+    /// `ca_file`: the CAs that verify the backend instead of the system's roots.
+    pub ca: Option<CaCertificates>,
+    /// `tls_verify = false` accepts any certificate (a warning at every check).
+    pub verify: bool,
 }
 
 /// Secret bytes: compared and used, never printed.
@@ -752,6 +783,10 @@ mod file {
         pub id: Option<Spanned<String>>,
         pub address: Option<Spanned<String>>,
         pub weight: Option<Spanned<u64>>,
+        pub tls: Option<Spanned<bool>>,
+        pub sni: Option<Spanned<String>>,
+        pub ca_file: Option<Spanned<String>>,
+        pub tls_verify: Option<Spanned<bool>>,
     }
 }
 
@@ -762,7 +797,7 @@ fn validate(f: file::FileConfig, env: &EnvOverrides, dir: &Path, d: &mut Diags) 
     let redis = validate_redis(f.redis, env, dir, d);
     let affinity = validate_affinity(f.affinity, env, redis.is_some(), d);
     let health = f.health.and_then(|h| validate_health(h, d));
-    let backends = validate_backends(f.backend, d);
+    let backends = validate_backends(f.backend, dir, d);
     let tls = validate_tls(f.tls, server.as_ref(), dir, d);
     Some(Config {
         server: server?,
@@ -1532,10 +1567,17 @@ fn validate_redis(
             ),
         );
     }
-    let ca = r
-        .ca_file
-        .as_ref()
-        .and_then(|f| validate_ca_file(f, dir, tls, d));
+    let ca = r.ca_file.as_ref().and_then(|f| {
+        if tls {
+            validate_ca_file(f, dir, d)
+        } else {
+            d.at(
+                f.span(),
+                "`ca_file` applies to TLS only: use a rediss:// URL, or remove `ca_file`",
+            );
+            None
+        }
+    });
     let key_prefix = match &r.key_prefix {
         None => DEFAULT_KEY_PREFIX.to_string(),
         Some(p) => {
@@ -1590,21 +1632,9 @@ pub(crate) fn read_file_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Read and check `[redis] ca_file`: it must exist, hold at least one PEM certificate, and each
-/// must be usable as a trust anchor. Only meaningful with `rediss://`.
-fn validate_ca_file(
-    f: &Spanned<String>,
-    dir: &Path,
-    tls: bool,
-    d: &mut Diags,
-) -> Option<CaCertificates> {
-    if !tls {
-        d.at(
-            f.span(),
-            "`ca_file` applies to TLS only: use a rediss:// URL, or remove `ca_file`",
-        );
-        return None;
-    }
+/// Read and check a `ca_file` (`[redis]`, `[[backend]]`): it must exist, hold at least one PEM
+/// certificate, and each must be usable as a trust anchor.
+fn validate_ca_file(f: &Spanned<String>, dir: &Path, d: &mut Diags) -> Option<CaCertificates> {
     let path = dir.join(f.get_ref());
     let pem = match read_file_capped(&path, MAX_PEM_FILE) {
         Ok(b) => b,
@@ -1657,6 +1687,7 @@ fn is_backend_id(s: &str) -> bool {
 
 fn validate_backends(
     list: Option<Vec<Spanned<file::Backend>>>,
+    dir: &Path,
     d: &mut Diags,
 ) -> Option<Vec<BackendSettings>> {
     let list = match list {
@@ -1725,14 +1756,92 @@ fn validate_backends(
             },
         };
         let weight = d.range(&b.weight, "weight", DEFAULT_WEIGHT, 1, 1000) as u32;
+        let Ok(tls) = validate_backend_tls(&b, &id, &address.0, span, dir, d) else {
+            ok = false;
+            continue;
+        };
         out.push(BackendSettings {
             id,
             address_text: address.0,
             address: address.1,
             weight,
+            tls,
         });
     }
     ok.then_some(out)
+}
+
+/// `tls`, `sni`, `ca_file` and `tls_verify` of backend `id`. `Err`: reported in `d`.
+fn validate_backend_tls(
+    b: &file::Backend,
+    id: &str,
+    address: &str,
+    span: Range<usize>,
+    dir: &Path,
+    d: &mut Diags,
+) -> Result<Option<BackendTls>, ()> {
+    let on = b.tls.as_ref().is_some_and(|t| *t.get_ref());
+    let tls_only = [
+        (b.sni.as_ref().map(Spanned::span), "sni"),
+        (b.ca_file.as_ref().map(Spanned::span), "ca_file"),
+        (b.tls_verify.as_ref().map(Spanned::span), "tls_verify"),
+    ];
+    if !on {
+        let mut ok = true;
+        for (span, name) in tls_only {
+            if let Some(span) = span {
+                d.at(
+                    span,
+                    format!("`{name}` applies to TLS only: add `tls = true`, or remove `{name}`"),
+                );
+                ok = false;
+            }
+        }
+        return if ok { Ok(None) } else { Err(()) };
+    }
+    let sni = match &b.sni {
+        Some(s) => {
+            let v = s.get_ref();
+            if rustls::pki_types::ServerName::try_from(v.as_str()).is_err() {
+                d.at(
+                    s.span(),
+                    format!("`sni` `{v}` is neither a DNS name nor an IP address"),
+                );
+                return Err(());
+            }
+            v.clone()
+        }
+        None => address_host(address).to_owned(),
+    };
+    let verify = b.tls_verify.as_ref().is_none_or(|v| *v.get_ref());
+    let ca = match &b.ca_file {
+        Some(f) if !verify => {
+            d.at(
+                f.span(),
+                "`ca_file` verifies the backend's certificate, and `tls_verify = false` turns \
+                 that off: remove one of them",
+            );
+            return Err(());
+        }
+        Some(f) => Some(validate_ca_file(f, dir, d).ok_or(())?),
+        None => None,
+    };
+    if !verify {
+        d.warn_at(
+            span,
+            format!(
+                "backend `{id}`: `tls_verify = false`: its certificate is not checked, so anyone \
+                 on the path to it can pose as it (give its CA in `ca_file` instead)"
+            ),
+        );
+    }
+    Ok(Some(BackendTls { sni, ca, verify }))
+}
+
+/// The host of a `host:port` address (`[::1]:443` gives `::1`).
+fn address_host(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn resolve(text: &str) -> Result<SocketAddr, String> {
@@ -1920,6 +2029,77 @@ address = "127.0.0.1:3001"
         let ca = c.redis.unwrap().ca.unwrap();
         assert_eq!(ca.pem, pem.as_bytes());
         assert_eq!(ca.path, dir.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn backends_over_tls_take_sni_ca_file_and_tls_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = ca_pem();
+        std::fs::write(dir.path().join("ca.pem"), &pem).unwrap();
+        let path = dir.path().join("t.toml");
+        let parse_in_dir = |backend: &str| {
+            let text = BASE.replace(
+                "address = \"127.0.0.1:3001\"\n",
+                &format!("address = \"127.0.0.1:3001\"\n{backend}"),
+            );
+            Config::parse(&path, &text, &EnvOverrides::default())
+        };
+        let b = |backend: &str| {
+            parse_in_dir(backend).expect("valid").backends[0]
+                .tls
+                .clone()
+        };
+        assert_eq!(b(""), None);
+        assert_eq!(b("tls = false\n"), None);
+        // The SNI is the address's host unless given; an IP address is verified as one.
+        let t = b("tls = true\n").unwrap();
+        assert_eq!(
+            (t.sni.as_str(), t.verify, t.ca.is_none()),
+            ("127.0.0.1", true, true)
+        );
+        let t = b("tls = true\nsni = \"app.internal\"\nca_file = \"ca.pem\"\n").unwrap();
+        assert_eq!(t.sni, "app.internal");
+        assert_eq!(t.ca.unwrap().pem, pem.as_bytes());
+        // Turning verification off is allowed, and warned about.
+        let c = parse_in_dir("tls = true\ntls_verify = false\n").expect("valid");
+        assert!(!c.backends[0].tls.as_ref().unwrap().verify);
+        let warnings = c
+            .warnings
+            .iter()
+            .map(|w| w.located(&path, "warning: ").to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            warnings.contains("t.toml:8:1: warning: backend `a`: `tls_verify = false`"),
+            "{warnings}"
+        );
+
+        let err = |backend: &str| match parse_in_dir(backend) {
+            Ok(_) => panic!("expected an error for {backend}"),
+            Err(e) => e.to_string(),
+        };
+        // [[backend]] is line 8, its first added setting line 11.
+        for (setting, col) in [
+            ("sni = \"x\"", 7),
+            ("ca_file = \"ca.pem\"", 11),
+            ("tls_verify = true", 14),
+        ] {
+            let name = setting.split(' ').next().unwrap();
+            let e = err(&format!("{setting}\n"));
+            assert!(
+                e.contains(&format!("t.toml:11:{col}: `{name}` applies to TLS only")),
+                "{e}"
+            );
+        }
+        let e = err("tls = true\nsni = \"not a name\"\n");
+        assert!(
+            e.contains("t.toml:12:7: `sni` `not a name` is neither"),
+            "{e}"
+        );
+        let e = err("tls = true\ntls_verify = false\nca_file = \"ca.pem\"\n");
+        assert!(e.contains("t.toml:13:11: `ca_file` verifies"), "{e}");
+        let e = err("tls = true\nca_file = \"missing.pem\"\n");
+        assert!(e.contains("t.toml:12:11: cannot read `ca_file`"), "{e}");
     }
 
     #[test]

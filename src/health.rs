@@ -3,7 +3,8 @@
 //! [`run`] is one background task on the I/O runtime. It follows the live configuration (read
 //! again every second and by every check, so a reload that adds backends or adds, changes or
 //! removes `[health]` applies) and keeps one checking task per configured backend. A check is a
-//! fresh TCP connection to the backend's address (never through the proxy's connection pool) with
+//! fresh connection to the backend (TCP, or TLS for a `tls = true` backend, never through the
+//! proxy's connection pool) with
 //! `GET {path}` on it; it succeeds if the response head arrives within `timeout` (connect
 //! included) with the expected status. The body is never read. Results go to
 //! [`Backend::record_check`], which applies rise/fall, and to `tether_health_checks_total`.
@@ -14,7 +15,6 @@
 //! gauge (computed by [`crate::admin`] at scrape).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use http::Request;
 use http::header::{CONNECTION, HOST, USER_AGENT};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use pingora::upstreams::peer::HttpPeer;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
@@ -32,6 +32,7 @@ use crate::backend::Backend;
 use crate::config::HealthSettings;
 use crate::metrics::Metrics;
 use crate::state::{Live, State};
+use crate::upstream::{self, ConnectError};
 
 /// How often [`run`] looks at the live configuration for backends to start or stop checking, and
 /// whether `[health]` is there at all.
@@ -43,16 +44,17 @@ pub const CHECK_USER_AGENT: &str = "tether-health-check";
 /// Why one check failed. The `Display` form is the `reason` field of the "backend down" log line.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckFailure {
-    /// The TCP connection was not established within the check's timeout.
+    /// The connection (and TLS handshake) was not established within the check's timeout.
     #[error("timeout: not connected within {0:?}")]
     ConnectTimeout(Duration),
     /// Connected, but no complete response head arrived within the check's timeout
     /// (connecting included).
     #[error("timeout: no response head within {0:?}")]
     ResponseTimeout(Duration),
-    /// The connection was refused or failed (nothing listens there, or unreachable).
+    /// The connection was refused or failed (nothing listens there, or unreachable), or its TLS
+    /// handshake failed (a certificate the backend's CAs do not verify, say).
     #[error("connect error: {0}")]
-    Connect(std::io::Error),
+    Connect(ConnectError),
     /// The backend closed the connection early or did not answer with valid HTTP/1.x.
     #[error("bad response: {0}")]
     Http(hyper::Error),
@@ -207,7 +209,7 @@ async fn check_loop(state: Arc<State>, backend: Arc<Backend>, first: Duration) {
             return;
         };
         let host = settings.host.as_deref().unwrap_or(&backend.address_text);
-        let result = check(backend.addr, host, &settings).await;
+        let result = check(&backend.peer(), host, &settings).await;
         match &result {
             Ok(()) => ok.inc(),
             Err(_) => failed.inc(),
@@ -236,11 +238,11 @@ async fn check_loop(state: Arc<State>, backend: Arc<Backend>, first: Duration) {
     }
 }
 
-/// One check of the backend at `addr`: a new connection, `GET {path}` with `Host: {host}`, and
+/// One check of the backend `peer`: a new connection, `GET {path}` with `Host: {host}`, and
 /// the response head within `settings.timeout` (connecting included) with the expected status.
 /// The body is not read: the connection is closed as soon as the head is in.
 pub async fn check(
-    addr: SocketAddr,
+    peer: &HttpPeer,
     host: &str,
     settings: &HealthSettings,
 ) -> Result<(), CheckFailure> {
@@ -252,12 +254,10 @@ pub async fn check(
         .map_err(CheckFailure::Request)?;
     let mut connected = false;
     let attempt = tokio::time::timeout(settings.timeout, async {
-        let stream = TcpStream::connect(addr)
+        let stream = upstream::connect(peer)
             .await
             .map_err(CheckFailure::Connect)?;
         connected = true;
-        // Best effort: the request is one small write either way.
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(CheckFailure::Http)?;
@@ -295,6 +295,7 @@ pub async fn check(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::path::Path;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -337,13 +338,17 @@ mod tests {
         (addr, task)
     }
 
+    fn plain(addr: SocketAddr) -> HttpPeer {
+        HttpPeer::new(addr, false, String::new())
+    }
+
     #[tokio::test]
     async fn a_check_sends_one_get_and_reads_only_the_head() {
         // The body is announced but never sent: the check must still succeed at once.
         let (addr, server) =
             answer_once("HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\npartial").await;
         let started = std::time::Instant::now();
-        check(addr, "app.internal", &settings(200, 2_000))
+        check(&plain(addr), "app.internal", &settings(200, 2_000))
             .await
             .unwrap();
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -366,7 +371,7 @@ mod tests {
                 .unwrap();
             String::from_utf8(head).unwrap().to_ascii_lowercase()
         });
-        check(addr, "app.internal", &settings(200, 2_000))
+        check(&plain(addr), "app.internal", &settings(200, 2_000))
             .await
             .unwrap();
         let head = sent.await.unwrap();
@@ -387,7 +392,9 @@ mod tests {
     async fn another_status_fails() {
         let (addr, _server) =
             answer_once("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
-        let err = check(addr, "h", &settings(200, 2_000)).await.unwrap_err();
+        let err = check(&plain(addr), "h", &settings(200, 2_000))
+            .await
+            .unwrap_err();
         assert!(matches!(
             err,
             CheckFailure::Status {
@@ -399,7 +406,9 @@ mod tests {
 
         // The expected status is the configured one, not "any 2xx".
         let (addr, _server) = answer_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
-        let err = check(addr, "h", &settings(204, 2_000)).await.unwrap_err();
+        let err = check(&plain(addr), "h", &settings(204, 2_000))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckFailure::Status { found: 200, .. }));
     }
 
@@ -409,7 +418,9 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             l.local_addr().unwrap()
         };
-        let err = check(addr, "h", &settings(200, 2_000)).await.unwrap_err();
+        let err = check(&plain(addr), "h", &settings(200, 2_000))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckFailure::Connect(_)), "{err}");
         assert!(err.to_string().starts_with("connect error: "), "{err}");
     }
@@ -425,7 +436,9 @@ mod tests {
             }
         });
         let started = std::time::Instant::now();
-        let err = check(addr, "h", &settings(200, 150)).await.unwrap_err();
+        let err = check(&plain(addr), "h", &settings(200, 150))
+            .await
+            .unwrap_err();
         let took = started.elapsed();
         assert!(matches!(err, CheckFailure::ResponseTimeout(_)), "{err}");
         assert!(err.to_string().starts_with("timeout: "), "{err}");
@@ -438,7 +451,9 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_a_bad_response() {
         let (addr, _server) = answer_once("SSH-2.0-OpenSSH\r\n\r\n").await;
-        let err = check(addr, "h", &settings(200, 2_000)).await.unwrap_err();
+        let err = check(&plain(addr), "h", &settings(200, 2_000))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckFailure::Http(_)), "{err}");
     }
 

@@ -390,8 +390,9 @@ pub fn upstream_kind(etype: &ErrorType) -> UpstreamError {
     use ErrorType::*;
     match etype {
         ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
-        | TLSWantX509Lookup | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
-        | HandshakeError | BindError | SocketError => UpstreamError::Connect,
+        | BindError | SocketError => UpstreamError::Connect,
+        TLSWantX509Lookup | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
+        | HandshakeError => UpstreamError::Tls,
         ReadTimedout | WriteTimedout => UpstreamError::Timeout,
         ConnectionClosed | ReadError | WriteError => UpstreamError::Closed,
         // pingora-core's `PREMATURE_BODY_END`: the connection closed before Content-Length.

@@ -16,6 +16,7 @@
 //! - [`metrics`]: every Prometheus metric, named in one place.
 //! - [`tls`]: certificates for TLS listeners: loaded and checked, chosen by SNI, swapped on
 //!   reload.
+//! - [`upstream`]: connections to a backend, plain or TLS, for the lean engine and health checks.
 //! - [`server`]: wires the above into a Pingora `Server`.
 
 pub mod admin;
@@ -31,3 +32,4 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod upstream;

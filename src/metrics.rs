@@ -119,6 +119,9 @@ impl Reassign {
 pub enum UpstreamError {
     /// Connecting failed (refused, timed out, unreachable) and no other backend was left to try.
     Connect,
+    /// The TLS handshake with a `tls = true` backend failed (its certificate not verified by
+    /// its CAs or not for its `sni`, no common protocol version) and no other backend was left.
+    Tls,
     /// The backend took longer than `read_timeout_ms` (or `write_timeout_ms`): answered 504.
     Timeout,
     /// The connection closed or was reset before the response was complete: 502 if no response
@@ -134,6 +137,7 @@ impl UpstreamError {
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamError::Connect => "connect",
+            UpstreamError::Tls => "tls",
             UpstreamError::Timeout => "timeout",
             UpstreamError::Closed => "closed",
             UpstreamError::Protocol => "protocol",
@@ -242,7 +246,7 @@ impl Metrics {
             upstream_errors: register_int_counter_vec!(
                 Opts::new(
                     UPSTREAM_ERRORS,
-                    "Requests that failed because of their backend, by kind: connect, timeout, closed, protocol, other"
+                    "Requests that failed because of their backend, by kind: connect, tls, timeout, closed, protocol, other"
                 ),
                 &["backend", "kind"]
             )

@@ -174,6 +174,7 @@ mod tests {
             .map(|(i, (id, w))| BackendSettings {
                 id: id.to_string(),
                 address_text: String::new(),
+                tls: None,
                 address: format!("127.0.0.1:{}", 4000 + i).parse().unwrap(),
                 weight: *w,
             })

@@ -26,7 +26,12 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        let (ca_pem, issuer) = test_ca("tether tls test CA");
+        Pki::named("tether tls test CA")
+    }
+
+    /// A CA of its own name (two CAs of one name would only differ by their keys).
+    fn named(name: &str) -> Pki {
+        let (ca_pem, issuer) = test_ca(name);
         Pki {
             dir: tempfile::tempdir().unwrap(),
             ca_pem,
@@ -71,6 +76,26 @@ impl Pki {
             })
             .collect();
         format!("[tls]\ncerts = [{}]\n\n", certs.join(", "))
+    }
+
+    /// A server config presenting `<file>.pem` and `<file>.key` (a test backend's HTTPS).
+    fn server_config(&self, file: &str) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let chain = CertificateDer::pem_file_iter(self.path(&format!("{file}.pem")))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(self.path(&format!("{file}.key"))).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Arc::new(config)
     }
 
     fn ca_file(&self) -> PathBuf {
@@ -862,4 +887,157 @@ async fn http2_limits_come_from_the_config() {
     let small = small.unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
     assert_eq!(small.status(), 200);
     assert_eq!(small.version(), reqwest::Version::HTTP_2);
+}
+
+/// `[[backend]]` of `backend` over TLS, with `extra` settings (`sni`, `ca_file`, ...).
+fn tls_backend(backend: &Backend, extra: &str) -> String {
+    format!("{}tls = true\n{extra}", backend.toml())
+}
+
+/// A POST with a body (Pingora's engine) and a GET (the lean engine) for `session`: their
+/// statuses and the backend that answered.
+async fn post_and_get(lb: &Balancer, session: &str) -> [(u16, Option<String>); 2] {
+    let client = client();
+    let post = client
+        .post(lb.url("/submit"))
+        .header(SESSION_HEADER, session)
+        .body("a body")
+        .send()
+        .await
+        .unwrap();
+    let post = (
+        post.status().as_u16(),
+        post.headers()
+            .get("x-backend-id")
+            .map(|v| v.to_str().unwrap().to_owned()),
+    );
+    let (status, id, _) = get_backend(&client, &lb.url("/"), &[(SESSION_HEADER, session)]).await;
+    [post, (status, id)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_over_tls_are_verified_against_a_private_ca_on_every_path() {
+    let pki = Pki::new();
+    // One certificate for a DNS name (sent as SNI), one for the backend's IP address (the
+    // default when `sni` is not given).
+    pki.issue("named", &["app.internal"], -1, 30);
+    pki.issue("by-ip", &["127.0.0.1"], -1, 30);
+    let b1 = Backend::start_tls("b1", pki.server_config("named")).await;
+    let b2 = Backend::start_tls("b2", pki.server_config("by-ip")).await;
+    let ca = pki.ca_file();
+    let config = format!(
+        "[affinity]\nhash_key = \"{TEST_HASH_KEY}\"\nsources = [\"header:{SESSION_HEADER}\"]\npolicy = \"round_robin\"\n\n\
+         [health]\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 200\n\n{}\n{}",
+        tls_backend(
+            &b1,
+            &format!("sni = \"app.internal\"\nca_file = \"{}\"\n", ca.display())
+        ),
+        tls_backend(&b2, &format!("ca_file = \"{}\"\n", ca.display())),
+    );
+    let lb = Balancer::start(&config).await;
+    // Health checks speak TLS too: both backends are checked and stay up.
+    assert_eventually!(
+        WAIT,
+        b1.health_checks() >= 2 && b2.health_checks() >= 2,
+        "health checks over TLS did not reach both backends\n{}",
+        tail(&lb.log(), 20)
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let session = format!("s-{i}");
+        let [post, get] = post_and_get(&lb, &session).await;
+        assert_eq!(post.0, 200, "POST {session}\n{}", tail(&lb.log(), 20));
+        assert_eq!(get.0, 200, "GET {session}\n{}", tail(&lb.log(), 20));
+        // Both engines reach the same backend for one session.
+        assert_eq!(post.1, get.1, "{session}");
+        seen.insert(get.1.unwrap());
+    }
+    assert_eq!(seen.len(), 2, "both TLS backends serve: {seen:?}");
+    // The backend sees a plain client's request as such.
+    assert_eq!(b1.last_headers()["x-forwarded-proto"], "http");
+    // A WebSocket to a TLS backend: the tunnel runs over the backend's TLS.
+    let (mut ws, id) = open_ws(&lb, "ws-1").await;
+    assert_eq!(echo(&mut ws, "hi").await, format!("{id}:hi"));
+    // Keep-alive over TLS: more GETs of one session reuse the pooled TLS connection.
+    let client = client();
+    for _ in 0..5 {
+        let (status, _, _) = get_backend(&client, &lb.url("/"), &[(SESSION_HEADER, "s-0")]).await;
+        assert_eq!(status, 200);
+    }
+    let errors = metric_sum(&lb.metrics().await, "tether_upstream_errors_total", &[]);
+    assert_eq!(errors, 0.0, "{}", tail(&lb.log(), 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_certificate_its_ca_does_not_verify_gets_502_and_a_clear_log_line() {
+    let pki = Pki::new();
+    let stranger = Pki::named("another CA");
+    pki.issue("right", &["app.internal"], -1, 30);
+    stranger.issue("wrong", &["app.internal"], -1, 30);
+    let ca = pki.ca_file();
+    // (backend certificate, sni, what rustls says)
+    let cases = [
+        (
+            stranger.server_config("wrong"),
+            "app.internal",
+            "UnknownIssuer",
+        ),
+        (
+            pki.server_config("right"),
+            "other.internal",
+            "certificate not valid for name",
+        ),
+    ];
+    for (cert, sni, why) in cases {
+        let backend = Backend::start_tls("b1", cert).await;
+        // The session header's affinity, and the one backend.
+        let config = body("", &[])
+            + &tls_backend(
+                &backend,
+                &format!("sni = \"{sni}\"\nca_file = \"{}\"\n", ca.display()),
+            );
+        let lb = Balancer::start(&config).await;
+        let [post, get] = post_and_get(&lb, "s-1").await;
+        assert_eq!(
+            (post.0, get.0),
+            (502, 502),
+            "{why}\n{}",
+            tail(&lb.log(), 20)
+        );
+        assert_eq!(backend.requests(), 0, "nothing reached the backend ({why})");
+        let log = lb.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("connect failed") && l.contains(why))
+            .unwrap_or_else(|| panic!("no log line naming {why}\n{}", tail(&log, 20)));
+        assert!(line.contains("backend=b1"), "{line}");
+        assert_eq!(
+            lb.metric("tether_upstream_errors_total{backend=\"b1\",kind=\"tls\"}")
+                .await,
+            Some(2.0),
+            "{why}"
+        );
+        if why == "UnknownIssuer" {
+            continue;
+        }
+        // A reload that fixes `sni` applies to the next connection: no restart.
+        let mut lb = lb;
+        lb.write_config(
+            &(body("", &[])
+                + &tls_backend(
+                    &backend,
+                    &format!("sni = \"app.internal\"\nca_file = \"{}\"\n", ca.display()),
+                )),
+        );
+        lb.sighup();
+        assert_eventually!(
+            WAIT,
+            post_and_get(&lb, "s-1")
+                .await
+                .iter()
+                .all(|(status, _)| *status == 200),
+            "{}",
+            tail(&lb.log(), 20)
+        );
+    }
 }

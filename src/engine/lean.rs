@@ -17,14 +17,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::prelude::{ErrorSource, ErrorType};
 use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -37,6 +35,7 @@ use crate::route::{
     Outcome, Protocol, connect_failed, count_upstream_error, insert_cookie, record,
 };
 use crate::state::{Live, State, TunnelGuard};
+use crate::upstream::{self, ConnectError, Upstream};
 
 use super::tunnel;
 
@@ -169,7 +168,7 @@ pub(super) async fn serve(job: Job<'_, '_, '_>, client: &mut Stream) -> Done {
 
 /// An upgraded connection, ready for its tunnel.
 pub(super) struct Upgraded {
-    upstream: TcpStream,
+    upstream: Upstream,
     /// What the backend sent right behind its 101.
     early: Vec<u8>,
     idle_timeout: Duration,
@@ -289,7 +288,7 @@ enum Served {
     },
     Upgraded {
         guard: ActiveGuard,
-        upstream: TcpStream,
+        upstream: Upstream,
         early: Vec<u8>,
     },
 }
@@ -314,7 +313,7 @@ struct Exchange<'a> {
 
 /// Why an attempt failed before anything reached the client.
 enum Failed {
-    Connect(io::Error),
+    Connect(ConnectError),
     /// The backend's connection closed (or reset) before a response head: it cannot have
     /// answered; an idempotent request may go again.
     ClosedEarly(io::Error),
@@ -360,7 +359,7 @@ impl Exchange<'_> {
             let reused = pooled.is_some();
             let conn = match pooled {
                 Some(s) => Ok(s),
-                None => connect(&b, upstream.connect_timeout).await,
+                None => upstream::connect(&b.peer()).await,
             };
             let failure = match conn {
                 Ok(mut up) => match self.forward(&b, &mut up, request, client).await {
@@ -422,11 +421,7 @@ impl Exchange<'_> {
                         fresh = false;
                         continue;
                     }
-                    match e.kind() {
-                        io::ErrorKind::TimedOut => ErrorType::ConnectTimedout,
-                        io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
-                        _ => ErrorType::ConnectError,
-                    }
+                    e.etype
                 }
                 Failed::ClosedEarly(e) => {
                     // A pooled connection the backend had closed, or a fresh one closed under
@@ -482,7 +477,7 @@ impl Exchange<'_> {
     async fn forward(
         &self,
         b: &Backend,
-        up: &mut TcpStream,
+        up: &mut Upstream,
         request: &[u8],
         client: &mut Stream,
     ) -> Result<Relayed, Relay> {
@@ -797,7 +792,7 @@ async fn relay_body(
     buf: &mut Vec<u8>,
     head_len: usize,
     mut out: Vec<u8>,
-    up: &mut TcpStream,
+    up: &mut Upstream,
     client: &mut Stream,
     read_timeout: Duration,
 ) -> Result<bool, BodyError> {
@@ -864,15 +859,6 @@ pub(super) async fn write_flush(client: &mut Stream, bytes: &[u8]) -> io::Result
     client.flush().await
 }
 
-async fn connect(b: &Backend, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(b.addr)).await {
-        Ok(r) => r?,
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-    };
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// Idle backend connections, per worker thread (each runs its own current-thread runtime, so a
 /// connection never changes thread), most recently used first.
 mod pool {
@@ -880,9 +866,10 @@ mod pool {
 
     struct Idle {
         backend: BackendKey,
-        addr: SocketAddr,
+        /// [`Backend::reuse_hash`] when it was made.
+        reuse_hash: u64,
         expires: Instant,
-        stream: TcpStream,
+        stream: Upstream,
     }
 
     thread_local! {
@@ -891,23 +878,17 @@ mod pool {
     }
 
     /// An idle connection to `b` that is still open, if there is one.
-    pub(super) fn take(b: &Backend) -> Option<TcpStream> {
+    pub(super) fn take(b: &Backend) -> Option<Upstream> {
         let now = Instant::now();
+        let reuse_hash = b.reuse_hash();
         IDLE.with_borrow_mut(|idle| {
             while let Some(i) = idle
                 .iter()
-                .rposition(|c| c.backend == b.key && c.addr == b.addr)
+                .rposition(|c| c.backend == b.key && c.reuse_hash == reuse_hash)
             {
-                let c = idle.remove(i);
-                if c.expires <= now {
-                    continue;
-                }
-                // Readable while idle means the backend closed it (or sent bytes nobody asked
-                // for): not reusable. Costs no system call when tokio saw no event on it.
-                let mut probe = [0u8; 1];
-                match c.stream.try_read(&mut probe) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.stream),
-                    _ => continue,
+                let mut c = idle.remove(i);
+                if c.expires > now && c.stream.idle_usable() {
+                    return Some(c.stream);
                 }
             }
             None
@@ -915,7 +896,7 @@ mod pool {
     }
 
     /// Keep `stream` for the next request to `b`, unless `cap` connections to it are idle.
-    pub(super) fn put(b: &Backend, stream: TcpStream, cap: usize, idle_timeout: Duration) {
+    pub(super) fn put(b: &Backend, stream: Upstream, cap: usize, idle_timeout: Duration) {
         let expires = Instant::now() + idle_timeout;
         let kept = IDLE.with_borrow_mut(|idle| {
             let count = idle.iter().filter(|c| c.backend == b.key).count();
@@ -924,7 +905,7 @@ mod pool {
             }
             idle.push(Idle {
                 backend: b.key,
-                addr: b.addr,
+                reuse_hash: b.reuse_hash(),
                 expires,
                 stream,
             });

@@ -638,12 +638,26 @@ pub struct Backend {
 impl Backend {
     /// Binds `127.0.0.1:0` and serves.
     pub async fn start(id: &str) -> Self {
+        Self::start_serving(id, None).await
+    }
+
+    /// Binds `127.0.0.1:0` and serves HTTPS (HTTP/1.1 over TLS) with `tls`'s certificate.
+    pub async fn start_tls(id: &str, tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_serving(id, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_serving(id: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a backend on 127.0.0.1:0");
         let addr = listener.local_addr().expect("backend local_addr");
         let state = Arc::new(BackendState::default());
-        let server = Some(tokio::spawn(serve(listener, id.to_owned(), state.clone())));
+        let server = Some(tokio::spawn(serve(
+            listener,
+            tls,
+            id.to_owned(),
+            state.clone(),
+        )));
         Backend {
             id: id.to_owned(),
             addr,
@@ -754,6 +768,7 @@ impl Backend {
             .expect("registering the listener");
         self.server = Some(tokio::spawn(serve(
             listener,
+            None,
             self.id.clone(),
             self.state.clone(),
         )));
@@ -766,7 +781,12 @@ impl Drop for Backend {
     }
 }
 
-async fn serve(listener: TcpListener, id: String, state: Arc<BackendState>) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    id: String,
+    state: Arc<BackendState>,
+) {
     // Dropped with this future when the task is aborted: that aborts every connection.
     let mut connections = JoinSet::new();
     loop {
@@ -775,37 +795,55 @@ async fn serve(listener: TcpListener, id: String, state: Arc<BackendState>) {
                 let Ok((stream, _peer)) = accepted else { continue };
                 let id = id.clone();
                 let state = state.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    // A WebSocket upgrade is handed back here, so the echo runs inside this
-                    // connection's task and dies with it when the backend is killed.
-                    let (upgrades, mut upgraded) = tokio::sync::mpsc::unbounded_channel();
-                    let ws_id = id.clone();
-                    let service = service_fn(move |mut req: Request<Incoming>| {
-                        let id = id.clone();
-                        let state = state.clone();
-                        let upgrades = upgrades.clone();
-                        async move {
-                            if let Some(resp) = websocket_upgrade(&id, &mut req, &upgrades) {
-                                return Ok::<_, Infallible>(resp);
+                    match tls {
+                        None => serve_connection(stream, id, state).await,
+                        // A failed handshake (a client that does not trust the certificate)
+                        // ends the connection, like any HTTPS server.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                serve_connection(stream, id, state).await;
                             }
-                            Ok::<_, Infallible>(respond(&id, &state, req))
                         }
-                    });
-                    // Errors here are the client going away: nothing to report.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
-                    if let Ok(on_upgrade) = upgraded.try_recv()
-                        && let Ok(io) = on_upgrade.await
-                    {
-                        websocket_echo(&ws_id, TokioIo::new(io)).await;
                     }
                 });
             }
             // Reap finished connections so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+}
+
+/// One backend connection: HTTP/1.1 with upgrades, a WebSocket echo after a 101.
+async fn serve_connection<S>(stream: S, id: String, state: Arc<BackendState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // A WebSocket upgrade is handed back here, so the echo runs inside this connection's task
+    // and dies with it when the backend is killed.
+    let (upgrades, mut upgraded) = tokio::sync::mpsc::unbounded_channel();
+    let ws_id = id.clone();
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        let id = id.clone();
+        let state = state.clone();
+        let upgrades = upgrades.clone();
+        async move {
+            if let Some(resp) = websocket_upgrade(&id, &mut req, &upgrades) {
+                return Ok::<_, Infallible>(resp);
+            }
+            Ok::<_, Infallible>(respond(&id, &state, req))
+        }
+    });
+    // Errors here are the client going away: nothing to report.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+    if let Ok(on_upgrade) = upgraded.try_recv()
+        && let Ok(io) = on_upgrade.await
+    {
+        websocket_echo(&ws_id, TokioIo::new(io)).await;
     }
 }
 
