@@ -165,6 +165,10 @@ pub struct ServerSettings {
     /// HTTP/2: the most a request's decoded header list may take (HPACK's count: names, values
     /// and 32 bytes per field).
     pub h2_max_header_list_bytes: u32,
+    /// HTTP/2 flow control: what a client may send on one stream before tether reads it
+    /// (SETTINGS_INITIAL_WINDOW_SIZE), and on the whole connection.
+    pub h2_stream_window_bytes: u32,
+    pub h2_connection_window_bytes: u32,
     /// Which engine serves requests without a body (see [`Engine`]).
     pub engine: Engine,
 }
@@ -723,6 +727,8 @@ mod file {
         pub max_request_headers: Option<Spanned<u64>>,
         pub h2_max_concurrent_streams: Option<Spanned<u64>>,
         pub h2_max_header_list_bytes: Option<Spanned<u64>>,
+        pub h2_stream_window_bytes: Option<Spanned<u64>>,
+        pub h2_connection_window_bytes: Option<Spanned<u64>>,
         pub engine: Option<Spanned<String>>,
     }
 
@@ -999,6 +1005,23 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         1024,
         1_048_576,
     ) as u32;
+    // Flow control: NGINX's `http2_body_preread_size 64k` per stream; on the connection, room
+    // for every stream's window at the default stream limit (128 x 64 KiB), the most NGINX's
+    // per-stream buffers hold too. Both at least the protocol's default of 65,535 bytes.
+    let h2_stream_window_bytes = d.range(
+        &s.h2_stream_window_bytes,
+        "h2_stream_window_bytes",
+        65_536,
+        65_535,
+        16 << 20,
+    ) as u32;
+    let h2_connection_window_bytes = d.range(
+        &s.h2_connection_window_bytes,
+        "h2_connection_window_bytes",
+        8 << 20,
+        65_535,
+        (1 << 31) - 1,
+    ) as u32;
     let engine = match &s.engine {
         None => Engine::Lean,
         Some(e) => match e.get_ref().as_str() {
@@ -1029,6 +1052,8 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         max_request_headers,
         h2_max_concurrent_streams,
         h2_max_header_list_bytes,
+        h2_stream_window_bytes,
+        h2_connection_window_bytes,
         engine,
     })
 }

@@ -520,6 +520,14 @@ pub fn restart_only(old: &ServerSettings, new: &ServerSettings) -> Vec<&'static 
             old.h2_max_header_list_bytes != new.h2_max_header_list_bytes,
         ),
         (
+            "server.h2_stream_window_bytes",
+            old.h2_stream_window_bytes != new.h2_stream_window_bytes,
+        ),
+        (
+            "server.h2_connection_window_bytes",
+            old.h2_connection_window_bytes != new.h2_connection_window_bytes,
+        ),
+        (
             "server.listen_redirect",
             old.listen_redirect != new.listen_redirect,
         ),

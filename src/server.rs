@@ -74,7 +74,9 @@ pub fn run(config: Config, config_path: &std::path::Path, upgrade: bool) -> anyh
     // HTTP/2 from clients: Pingora's bounded defaults, with tether's limits (bound at start).
     let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
     h2.max_concurrent_streams(config.server.h2_max_concurrent_streams)
-        .max_header_list_size(config.server.h2_max_header_list_bytes);
+        .max_header_list_size(config.server.h2_max_header_list_bytes)
+        .initial_window_size(config.server.h2_stream_window_bytes)
+        .initial_connection_window_size(config.server.h2_connection_window_bytes);
     pingora_proxy.h2_options = Some(h2);
     let mut proxy = Service::new(
         "tether proxy".to_string(),

@@ -860,7 +860,9 @@ async fn http2_limits_come_from_the_config() {
     pki.issue("site", &["site.test"], -1, 90);
     let backend = Backend::start("b1").await;
     let options = BalancerOptions {
-        server_extra: "h2_max_concurrent_streams = 7\nh2_max_header_list_bytes = 4096\n".into(),
+        server_extra: "h2_max_concurrent_streams = 7\nh2_max_header_list_bytes = 4096\n\
+                       h2_stream_window_bytes = 100000\nh2_connection_window_bytes = 3000000\n"
+            .into(),
         ..BalancerOptions::default()
     };
     let (lb, port) =
@@ -874,6 +876,15 @@ async fn http2_limits_come_from_the_config() {
     assert!(
         verbose.contains("SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7]"),
         "nghttp did not see tether's SETTINGS:\n{verbose}"
+    );
+    assert!(
+        verbose.contains("SETTINGS_INITIAL_WINDOW_SIZE(0x04):100000]"),
+        "no stream window in tether's SETTINGS:\n{verbose}"
+    );
+    // The connection window grows from the protocol's 65,535 by one WINDOW_UPDATE on stream 0.
+    assert!(
+        verbose.contains(&format!("(window_size_increment={})", 3_000_000 - 65_535)),
+        "no connection WINDOW_UPDATE to 3,000,000:\n{verbose}"
     );
     // A header list past 4 KiB is refused; a small one passes.
     let h2 = https_client(&pki, "site.test", port, false);
