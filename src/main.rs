@@ -71,6 +71,8 @@ fn main() -> ExitCode {
         Command::Run { config, upgrade } => {
             use tracing_subscriber::prelude::*;
             tracing_subscriber::registry()
+                // Counts failed TLS handshakes from Pingora's lines, before any log filter.
+                .with(tether::tls::HandshakeFailures)
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_writer(std::io::stderr)

@@ -39,6 +39,7 @@ pub mod names {
     pub const PINNED_SESSIONS: &str = "tether_backend_pinned_sessions";
     pub const HEALTH_CHECKS: &str = "tether_health_checks_total";
     pub const TLS_HANDSHAKES: &str = "tether_tls_handshakes_total";
+    pub const TLS_HANDSHAKE_FAILURES: &str = "tether_tls_handshake_failures_total";
     pub const REQUESTS_BY_PROTOCOL: &str = "tether_requests_by_protocol_total";
     pub const TLS_CERT_EXPIRY: &str = "tether_tls_certificate_expiry_timestamp_seconds";
 }
@@ -175,6 +176,8 @@ pub struct Metrics {
     pub pinned_sessions: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    /// By [`crate::tls::HandshakeFailure`], in its order.
+    pub tls_handshake_failures: [IntCounter; crate::tls::HandshakeFailure::ALL.len()],
     /// By [`crate::route::Protocol`], then plain (0) or TLS (1): resolved once, counted per
     /// request without a label lookup.
     requests_by_protocol: [[IntCounter; 2]; 3],
@@ -296,6 +299,14 @@ impl Metrics {
                 &["version"]
             )
             .expect(OK),
+            tls_handshake_failures: {
+                let vec = register_int_counter_vec!(
+                    Opts::new(TLS_HANDSHAKE_FAILURES, "TLS handshakes on the TLS listeners that failed, by reason: not_tls (the bytes were no TLS ClientHello), incompatible (no common version, cipher suite or ALPN protocol), client_alert (the client refused, e.g. our certificate), closed (the client left mid-handshake), timeout (not done within 60 s), other"),
+                    &["reason"]
+                )
+                .expect(OK);
+                crate::tls::HandshakeFailure::ALL.map(|r| vec.with_label_values(&[r.as_str()]))
+            },
             tls_cert_expiry: register_int_gauge_vec!(
                 Opts::new(TLS_CERT_EXPIRY, "When each configured certificate expires (its notAfter, Unix seconds), by its first name"),
                 &["certificate"]

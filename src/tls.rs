@@ -321,3 +321,154 @@ impl ResolvesServerCert for SniResolver {
         Some(self.store.load().pick(hello.server_name()))
     }
 }
+
+/// Why a TLS handshake on a listener failed: the `reason` of
+/// `tether_tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The bytes were no TLS ClientHello (plain HTTP to the TLS port, a scanner's garbage).
+    NotTls,
+    /// No TLS version, cipher suite or ALPN protocol in common.
+    Incompatible,
+    /// The client sent an alert: it refused the handshake (our certificate, often).
+    ClientAlert,
+    /// The client closed or reset the connection mid-handshake.
+    Closed,
+    /// Not done within Pingora's handshake timeout (60 s).
+    Timeout,
+    Other,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::NotTls,
+        HandshakeFailure::Incompatible,
+        HandshakeFailure::ClientAlert,
+        HandshakeFailure::Closed,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::ClientAlert => "client_alert",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Other => "other",
+        }
+    }
+
+    /// The failure a line of Pingora's listener reports, if it reports one. Pingora 0.9 says
+    /// nothing else about a failed handshake than its ERROR line ("Downstream handshake error
+    /// from ADDR: ..." with rustls's error, or "Downstream handshake timeout"), and has no
+    /// callback for it: the line is read here (tests/tls.rs checks every reason still parses).
+    pub fn of_log_line(target: &str, message: &str) -> Option<HandshakeFailure> {
+        if target != "pingora_core::services::listening" {
+            return None;
+        }
+        if message.starts_with("Downstream handshake timeout") {
+            return Some(HandshakeFailure::Timeout);
+        }
+        if !message.starts_with("Downstream handshake error") {
+            return None;
+        }
+        let has = |needles: &[&str]| needles.iter().any(|n| message.contains(n));
+        // rustls's `Error` texts (rustls 0.23), then the io errors of a connection that ended.
+        Some(if has(&["corrupt message", "unexpected message"]) {
+            HandshakeFailure::NotTls
+        } else if has(&["peer is incompatible", "doesn't support any known protocol"]) {
+            HandshakeFailure::Incompatible
+        } else if has(&["received fatal alert"]) {
+            HandshakeFailure::ClientAlert
+        } else if has(&["eof", "reset by peer", "Broken pipe", "connection closed"]) {
+            HandshakeFailure::Closed
+        } else {
+            HandshakeFailure::Other
+        })
+    }
+}
+
+/// A tracing layer that counts failed TLS handshakes from Pingora's log lines
+/// ([`HandshakeFailure::of_log_line`]), whatever `RUST_LOG` lets through to the log.
+pub struct HandshakeFailures;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandshakeFailures {
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // Pingora's lines come through the `log` crate's one callsite per level: only ERROR.
+        if *meta.level() == tracing::Level::ERROR {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::ERROR)
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _cx: tracing_subscriber::layer::Context<'_, S>) {
+        use tracing_log::NormalizeEvent;
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        if *meta.level() != tracing::Level::ERROR || !meta.target().starts_with("pingora_core") {
+            return;
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if let Some(reason) = HandshakeFailure::of_log_line(meta.target(), &message.0) {
+            crate::metrics::Metrics::get().tls_handshake_failures[reason as usize].inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandshakeFailure::{self, *};
+
+    const LISTENING: &str = "pingora_core::services::listening";
+
+    #[test]
+    fn pingora_handshake_lines_map_to_reasons() {
+        // The lines tests/tls.rs cannot wait for (the timeout is 60 s) or should never see.
+        assert_eq!(
+            HandshakeFailure::of_log_line(LISTENING, "Downstream handshake timeout"),
+            Some(Timeout)
+        );
+        let error = |cause: &str| {
+            HandshakeFailure::of_log_line(
+                LISTENING,
+                &format!(
+                    "Downstream handshake error from 127.0.0.1:5000: TLSHandshakeFailure context: TLS accept() failed: {cause}"
+                ),
+            )
+        };
+        assert_eq!(error("something new"), Some(Other));
+        assert_eq!(error("received fatal alert: UnknownCA"), Some(ClientAlert));
+        // Other lines of the listener, and the same words elsewhere, are no handshake failure.
+        assert_eq!(
+            HandshakeFailure::of_log_line(LISTENING, "Accept() failed eof"),
+            None
+        );
+        assert_eq!(
+            HandshakeFailure::of_log_line("pingora_proxy", "Downstream handshake timeout"),
+            None
+        );
+        // Every reason has its own slot, in `ALL`'s order (the metric handles are indexed so).
+        for (i, r) in HandshakeFailure::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

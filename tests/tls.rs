@@ -780,6 +780,118 @@ async fn garbage_instead_of_a_client_hello_and_a_silent_client_hurt_no_one_else(
         .unwrap_or_else(|e| panic!("{e}\n{}", tail(&lb.log(), 20)));
     assert_eq!(resp.status(), 200);
     assert!(lb.is_running(), "tether died");
+    // Each of the three was counted as no TLS at all.
+    assert_eventually!(
+        WAIT,
+        lb.metric("tether_tls_handshake_failures_total{reason=\"not_tls\"}")
+            .await
+            == Some(3.0),
+        "{}",
+        tail(&lb.log(), 10)
+    );
+}
+
+/// A rustls client to `port` offering `alpn`, trusting `roots`: the handshake's result.
+fn handshake_with(
+    port: u16,
+    roots: rustls::RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<(), rustls::Error> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("site.test").unwrap())
+            .unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut sock) {
+            // Send the alert rustls queued, as a real client does, before closing.
+            let _ = conn.write_tls(&mut sock);
+            return Err(e
+                .into_inner()
+                .and_then(|e| e.downcast::<rustls::Error>().ok())
+                .map_or(rustls::Error::General("io".into()), |e| *e));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_by_reason() {
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let (lb, port) = tls_balancer(&pki.tls_section(&["site"]), &[&backend]).await;
+    let ca_roots = || {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    };
+    let failures = tokio::task::spawn_blocking({
+        let roots = ca_roots();
+        move || {
+            // A client that does not trust the certificate refuses it with an alert.
+            let distrust = handshake_with(port, rustls::RootCertStore::empty(), &[b"h2"]);
+            // A client that speaks no protocol tether offers.
+            let alpn = handshake_with(port, roots, &[b"spdy/3"]);
+            // A ClientHello, then gone.
+            let mut hello = Vec::new();
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+            let mut conn = rustls::ClientConnection::new(
+                Arc::new(config),
+                ServerName::try_from("site.test").unwrap(),
+            )
+            .unwrap();
+            conn.write_tls(&mut hello).unwrap();
+            let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            sock.write_all(&hello).unwrap();
+            drop(sock);
+            (distrust, alpn)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failures.0.is_err() && failures.1.is_err(), "{failures:?}");
+    // And one handshake that works.
+    handshake_with(port, ca_roots(), &[b"h2"]).expect("a good handshake");
+    for reason in ["client_alert", "incompatible", "closed"] {
+        assert_eventually!(
+            WAIT,
+            lb.metric(&format!(
+                "tether_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+            ))
+            .await
+                == Some(1.0),
+            "{reason}: {}",
+            tail(&lb.log(), 10)
+        );
+    }
+    let metrics = lb.metrics().await;
+    for reason in ["not_tls", "timeout", "other"] {
+        let sample = format!("tether_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric_value(&metrics, &sample), Some(0.0), "{reason}");
+    }
+    assert_eq!(
+        metric_sum(&metrics, "tether_tls_handshakes_total", &[]),
+        1.0,
+        "only the good handshake completed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
