@@ -591,6 +591,91 @@ async fn a_reload_swaps_certificates_and_a_bad_file_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_with_no_failed_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pki = Pki::new();
+    pki.issue("site", &["site.test"], -1, 90);
+    let backend = Backend::start("b1").await;
+    let tls = pki.tls_section(&["site"]);
+    let (mut lb, port) = tls_balancer(&tls, &[&backend]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    // Four clients, HTTP/1.1 and HTTP/2, each request on a new connection (a new handshake),
+    // and one keep-alive client whose connection lives through every rotation.
+    let mut load = Vec::new();
+    for (i, (http1, fresh)) in [(true, true), (false, true), (true, true), (false, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
+        let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+        load.push(tokio::spawn(async move {
+            let build = || {
+                let mut b = reqwest::Client::builder()
+                    .no_proxy()
+                    .tls_built_in_root_certs(false)
+                    .add_root_certificate(ca.clone())
+                    .resolve("site.test", ([127, 0, 0, 1], port).into())
+                    .timeout(WAIT);
+                if http1 {
+                    b = b.http1_only();
+                }
+                b.build().unwrap()
+            };
+            let mut client = build();
+            let url = format!("https://site.test:{port}/");
+            while !stop.load(Ordering::Relaxed) {
+                if fresh {
+                    client = build();
+                }
+                match client
+                    .get(&url)
+                    .header(SESSION_HEADER, format!("c{i}"))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("client {i}: {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("client {i}: {e}")),
+                }
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let before = done.load(Ordering::Relaxed);
+        assert_eventually!(WAIT, done.load(Ordering::Relaxed) >= before + 20);
+        let want = pki.issue("site", &["site.test"], -1, 90);
+        lb.write_config(&body(&tls, &[&backend]));
+        lb.sighup();
+        assert_eventually!(
+            WAIT,
+            presented(port, Some("site.test")).0 == want,
+            "no rotation\n{}",
+            tail(&lb.log(), 20)
+        );
+    }
+    let before = done.load(Ordering::Relaxed);
+    assert_eventually!(WAIT, done.load(Ordering::Relaxed) >= before + 20);
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "{failures:?}\n{}", tail(&lb.log(), 20));
+    assert_eq!(
+        lb.metric("tether_config_reloads_total{result=\"ok\"}")
+            .await,
+        Some(3.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_cookies_are_secure_over_tls_and_not_over_plain_http_unless_configured() {
     let pki = Pki::new();
     pki.issue("site", &["site.test"], -1, 90);
