@@ -391,26 +391,13 @@ impl HandshakeFailure {
 }
 
 /// A tracing layer that counts failed TLS handshakes from Pingora's log lines
-/// ([`HandshakeFailure::of_log_line`]), whatever `RUST_LOG` lets through to the log.
+/// ([`HandshakeFailure::of_log_line`]), whatever `RUST_LOG` lets through to the log. Install it
+/// with a per-layer filter at ERROR (`with_filter(LevelFilter::ERROR)`): as a plain layer it
+/// would either veto every other line (a plain layer's `Interest::never` is global) or ask for
+/// every span.
 pub struct HandshakeFailures;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandshakeFailures {
-    fn register_callsite(
-        &self,
-        meta: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        // Pingora's lines come through the `log` crate's one callsite per level: only ERROR.
-        if *meta.level() == tracing::Level::ERROR {
-            tracing::subscriber::Interest::always()
-        } else {
-            tracing::subscriber::Interest::never()
-        }
-    }
-
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Some(tracing::level_filters::LevelFilter::ERROR)
-    }
-
     fn on_event(&self, event: &tracing::Event<'_>, _cx: tracing_subscriber::layer::Context<'_, S>) {
         use tracing_log::NormalizeEvent;
         let normalized = event.normalized_metadata();
