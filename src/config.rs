@@ -33,6 +33,9 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 60;
 /// Default time a client has to send a whole request head (NGINX `client_header_timeout` 60 s,
 /// HAProxy `timeout http-request` commonly 10 s).
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default time one write to a client may take before the client is let go (NGINX
+/// `send_timeout` 60 s; HAProxy `timeout client`).
+pub const DEFAULT_CLIENT_SEND_TIMEOUT_MS: u64 = 60_000;
 /// Default limit on a request's target plus headers; larger ones get 414 or 431.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: u64 = 65_536;
 /// Default limit on the number of request header lines (HAProxy `tune.http.maxhdr`: 101).
@@ -156,6 +159,9 @@ pub struct ServerSettings {
     /// A client must send a whole request head within this (after the keep-alive idle time on
     /// a reused connection).
     pub client_header_timeout: Duration,
+    /// A write to a client (and its flush) must be done within this; a client that stops
+    /// reading is let go.
+    pub client_send_timeout: Duration,
     /// Request target plus headers, in bytes; beyond it 414 (target) or 431 (headers).
     pub max_request_header_bytes: usize,
     /// Request header lines; beyond it 431.
@@ -723,6 +729,7 @@ mod file {
         pub access_log: Option<bool>,
         pub keepalive_timeout_secs: Option<Spanned<u64>>,
         pub client_header_timeout_ms: Option<Spanned<u64>>,
+        pub client_send_timeout_ms: Option<Spanned<u64>>,
         pub max_request_header_bytes: Option<Spanned<u64>>,
         pub max_request_headers: Option<Spanned<u64>>,
         pub h2_max_concurrent_streams: Option<Spanned<u64>>,
@@ -975,6 +982,13 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         100,
         600_000,
     ));
+    let client_send_timeout = Duration::from_millis(d.range(
+        &s.client_send_timeout_ms,
+        "client_send_timeout_ms",
+        DEFAULT_CLIENT_SEND_TIMEOUT_MS,
+        100,
+        3_600_000,
+    ));
     let max_request_header_bytes = d.range(
         &s.max_request_header_bytes,
         "max_request_header_bytes",
@@ -1048,6 +1062,7 @@ fn validate_server(s: Option<Spanned<file::Server>>, d: &mut Diags) -> Option<Se
         access_log: s.access_log.unwrap_or(true),
         keepalive_timeout,
         client_header_timeout,
+        client_send_timeout,
         max_request_header_bytes,
         max_request_headers,
         h2_max_concurrent_streams,

@@ -303,7 +303,12 @@ impl Front {
     /// closes after it.
     async fn redirect(&self, c: &mut Client, answer: &[u8], close: bool, head_len: usize) -> Next {
         crate::route::count_unrouted(308);
-        if lean::write_flush(&mut c.stream, answer).await.is_err() || close {
+        let send = self.state.live().config.server.client_send_timeout;
+        if lean::write_flush(&mut c.stream, answer, send)
+            .await
+            .is_err()
+            || close
+        {
             return Next::Close;
         }
         c.buf.drain(..head_len);
@@ -319,7 +324,8 @@ impl Front {
         );
         crate::route::count_unrouted(refusal.status);
         let head = c.buf.starts_with(b"HEAD ");
-        lean::write_error_answer(&mut c.stream, refusal.status, head).await;
+        let send = self.state.live().config.server.client_send_timeout;
+        lean::write_error_answer(&mut c.stream, refusal.status, head, send).await;
         Next::Close
     }
 }

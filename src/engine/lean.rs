@@ -464,7 +464,8 @@ impl Exchange<'_> {
         etype: ErrorType,
     ) -> Served {
         let status = http::failure_status(&etype, &ErrorSource::Upstream);
-        write_error_answer(client, status, self.head).await;
+        let send = self.live.config.server.client_send_timeout;
+        write_error_answer(client, status, self.head, send).await;
         Served::Done {
             guard,
             status,
@@ -547,7 +548,8 @@ impl Exchange<'_> {
             if (100..200).contains(&status) && status != 101 {
                 // Informational (103 Early Hints): relayed as is; 100 Continue was not asked for.
                 if status != 100
-                    && let Err(e) = write_flush(client, head).await
+                    && let Err(e) =
+                        write_flush(client, head, self.live.config.server.client_send_timeout).await
                 {
                     debug!(error = %e, "client write failed");
                     return Err(Relay::After {
@@ -634,7 +636,8 @@ impl Exchange<'_> {
             }
             out.extend_from_slice(b"\r\n");
             if status == 101 {
-                write_flush(client, &out).await.map_err(|e| {
+                let send = self.live.config.server.client_send_timeout;
+                write_flush(client, &out, send).await.map_err(|e| {
                     debug!(error = %e, "client write failed");
                     Relay::After {
                         status,
@@ -667,7 +670,6 @@ impl Exchange<'_> {
                 out,
                 up,
                 client,
-                upstream.read_timeout,
             )
             .await
             .map_err(|e| match e {
@@ -694,10 +696,15 @@ impl Exchange<'_> {
 }
 
 /// Write tether's error answer for `status` ([`ErrorAnswer`]); `head`: no body (a HEAD request).
-pub(super) async fn write_error_answer(client: &mut Stream, status: u16, head: bool) {
+pub(super) async fn write_error_answer(
+    client: &mut Stream,
+    status: u16,
+    head: bool,
+    send_timeout: Duration,
+) {
     let date = pingora::protocols::http::date::get_cached_date();
     let out = ErrorAnswer::new(status).to_bytes(date.to_str().unwrap_or(""), head);
-    if let Err(e) = write_flush(client, &out).await {
+    if let Err(e) = write_flush(client, &out, send_timeout).await {
         debug!(error = %e, "could not send the error response");
     }
 }
@@ -794,8 +801,9 @@ async fn relay_body(
     mut out: Vec<u8>,
     up: &mut Upstream,
     client: &mut Stream,
-    read_timeout: Duration,
 ) -> Result<bool, BodyError> {
+    let read_timeout = body.live.config.upstream.read_timeout;
+    let send_timeout = body.live.config.server.client_send_timeout;
     let mut start = head_len;
     let mut left = match body.framing {
         ResponseBody::Length(n) => n,
@@ -814,12 +822,14 @@ async fn relay_body(
         // Bytes past the end of the message: the backend sent more than it framed.
         let overrun = done && take < chunk.len();
         if out.is_empty() {
-            write_flush(client, &chunk[..take])
+            write_flush(client, &chunk[..take], send_timeout)
                 .await
                 .map_err(client_error)?;
         } else {
             out.extend_from_slice(&chunk[..take]);
-            write_flush(client, &out).await.map_err(client_error)?;
+            write_flush(client, &out, send_timeout)
+                .await
+                .map_err(client_error)?;
             out = Vec::new();
         }
         if done {
@@ -852,11 +862,22 @@ fn client_error(e: io::Error) -> BodyError {
     BodyError::Client
 }
 
-pub(super) async fn write_flush(client: &mut Stream, bytes: &[u8]) -> io::Result<()> {
-    if !bytes.is_empty() {
-        client.write_all(bytes).await?;
-    }
-    client.flush().await
+/// Write `bytes` to the client and flush, within `send_timeout` (`client_send_timeout_ms`: a
+/// client that stops reading is let go, as NGINX's `send_timeout`).
+pub(super) async fn write_flush(
+    client: &mut Stream,
+    bytes: &[u8],
+    send_timeout: Duration,
+) -> io::Result<()> {
+    let write = async {
+        if !bytes.is_empty() {
+            client.write_all(bytes).await?;
+        }
+        client.flush().await
+    };
+    tokio::time::timeout(send_timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 /// Idle backend connections, per worker thread (each runs its own current-thread runtime, so a

@@ -191,6 +191,9 @@ impl ProxyHttp for Router {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.client(session);
+        // A client that stops reading (an HTTP/2 stream on a zero window, a full socket) is let
+        // go after this, as on the lean engine.
+        session.set_write_timeout(Some(ctx.live.config.server.client_send_timeout));
         if self.state.stopping.load(Ordering::Relaxed) {
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
@@ -248,6 +251,18 @@ impl ProxyHttp for Router {
         let retry = connect_failed(&ctx.live, &backend, &mut ctx.failed, &e);
         e.set_retry(retry);
         e
+    }
+
+    /// A client that went away or broke the protocol (a reset HTTP/2 stream, a closed
+    /// connection, a malformed frame) is no failure of tether's: no ERROR line for it, as the
+    /// lean engine logs none (the access log has the request and its status); at debug it says
+    /// what happened. Backend and internal failures keep Pingora's ERROR line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        let client_side = *error.esource() == ErrorSource::Downstream;
+        if client_side {
+            debug!(%error, "the client's side of a request failed");
+        }
+        client_side
     }
 
     /// What Pingora's own warn/error lines say about a request: method, path and Host, never the
