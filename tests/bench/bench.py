@@ -15,6 +15,11 @@ for --rounds rounds (s1 and s2 alternating round by round):
   s5  Socket.IO broadcast fan-out through tether to 1,000 clients on three rideshare instances
       (the `drivers` room): emit-to-receipt p50/p99, messages lost; as its direct line, the
       same clients on one rideshare instance without a proxy
+  s6  s1 over TLS 1.3 (wrk over https), the three proxies terminating TLS with one ECDSA P-256
+      certificate (made for the run with openssl)
+  s7  new TLS connections: every request on a new connection (`Connection: close`, wrk resumes
+      no session), a full handshake each
+  s8  HTTP/2: h2load, 100 clients x 10 concurrent streams, one session
 
 and prints medians (min-max) with each proxy's ratio to direct, and writes them as markdown,
 ending with issue 6's targets judged on the medians, and the same comparison per round.
@@ -180,10 +185,25 @@ class Redis:
 
 # --- configs -----------------------------------------------------------------------------------
 
-def tether_conf(work, name, port, admin, backends, sources, redis_sock):
+def tls_cert(work):
+    """One self-signed ECDSA P-256 certificate for localhost and 127.0.0.1, for every proxy:
+    (cert.pem, key.pem, both in one file for HAProxy)."""
+    cert, key, both = work / "cert.pem", work / "key.pem", work / "cert+key.pem"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "30", "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        both.write_text(cert.read_text() + key.read_text())
+    return cert, key, both
+
+
+def tether_conf(work, name, port, admin, backends, sources, redis_sock, tls_port=None):
     lines = [
         "[server]",
         f'listen = ["127.0.0.1:{port}"]',
+        *([f'listen_tls = ["127.0.0.1:{tls_port}"]'] if tls_port else []),
         "threads = 1",
         "grace_period_secs = 0",
         "graceful_shutdown_timeout_secs = 0",
@@ -199,6 +219,9 @@ def tether_conf(work, name, port, admin, backends, sources, redis_sock):
         'policy = "least_connections"' if sources else 'policy = "round_robin"',
         'hash_key = "bench only: not a secret at all"',
     ]
+    if tls_port:
+        cert, key, _ = tls_cert(work)
+        lines += ["[tls]", f'certs = [{{ cert = "{cert}", key = "{key}" }}]']
     if redis_sock:
         lines += ["[redis]", f'url = "redis+unix://{redis_sock}"']
     for bid, addr in backends:
@@ -213,7 +236,7 @@ def nofile_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def haproxy_conf(work, name, port, backends):
+def haproxy_conf(work, name, port, backends, tls_port):
     servers = "\n".join(f"    server {bid} {addr}" for bid, addr in backends)
     path = work / f"{name}.cfg"
     path.write_text(f"""global
@@ -231,6 +254,7 @@ defaults
 
 frontend fe
     bind 127.0.0.1:{port}
+    bind 127.0.0.1:{tls_port} ssl crt {tls_cert(work)[2]} alpn h2,http/1.1 ssl-min-ver TLSv1.2
     default_backend be
 
 backend be
@@ -242,7 +266,8 @@ backend be
     return path
 
 
-def nginx_conf(work, name, port, backends):
+def nginx_conf(work, name, port, backends, tls_port):
+    cert, key, _ = tls_cert(work)
     servers = "\n".join(f"        server {addr};" for _, addr in backends)
     (work / "nginx").mkdir(exist_ok=True)
     path = work / f"{name}.conf"
@@ -261,8 +286,15 @@ http {{
 {servers}
         keepalive 128;
     }}
+    # NGINX closes a keep-alive (or HTTP/2) connection after 1,000 requests by default; h2load
+    # counts the streams in flight then as errors. The other proxies have no such limit.
+    keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
         location / {{
             proxy_pass http://be;
             proxy_http_version 1.1;
@@ -286,9 +318,9 @@ def parse_ms(text):
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
-def wrk(port, script, secs, args=(), conns=64):
+def wrk(port, script, secs, args=(), conns=64, scheme="http"):
     cmd = pinned("load", ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-s", str(script),
-           f"http://127.0.0.1:{port}/", "--", *args])
+           f"{scheme}://127.0.0.1:{port}/", "--", *args])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
     r["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
@@ -305,6 +337,26 @@ def wrk(port, script, secs, args=(), conns=64):
     return r
 
 
+def h2load(port, secs, clients=100, streams=10):
+    """h2load over TLS (ALPN h2), `clients` connections with `streams` concurrent streams each,
+    for `secs` seconds after a 1 s warm-up; every request with one session cookie."""
+    cmd = pinned("load", ["h2load", f"-c{clients}", f"-m{streams}", "-t1", f"-D{secs}",
+                          "--warm-up-time=1", "-H", "cookie: sid=h2load",
+                          f"https://127.0.0.1:{port}/"])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored", out)
+    r = {"rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
+         "requests": int(m.group(4)), "errors": int(m.group(5)) + int(m.group(6))}
+    # "time for request:  min  max  mean  sd  +/- sd"
+    t = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    r["mean_ms"] = parse_ms(t.group(3))
+    r["max_ms"] = parse_ms(t.group(2))
+    st = re.search(r"status codes: (\d+) 2xx", out)
+    r["errors"] += r["requests"] - int(st.group(1))
+    return r
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 def main():
@@ -312,7 +364,7 @@ def main():
     ap.add_argument("--bin", required=True, help="directory with tether, rideshare, tether-bench")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=10, help="seconds per measured run")
-    ap.add_argument("--only", default="s1,s2,s3,s4,s5")
+    ap.add_argument("--only", default="s1,s2,s3,s4,s5,s6,s7,s8")
     ap.add_argument("--targets", default="direct,tether,tether-noaff,haproxy,nginx",
                     help="which targets to measure, in this order")
     ap.add_argument("--idle-conns", type=int, default=10000)
@@ -356,9 +408,12 @@ def main():
         for p in bports:
             wait_port(p, bp, "backends")
 
+        tls_ports = {}  # proxy name -> its TLS port
+
         def start_target(name, tag=""):
             """Start proxy `name` (the `tag` names a fresh instance); returns (port, [pids], procs)."""
             port, label = free_port(), name + tag
+            tls_port = tls_ports.setdefault(label, free_port())
             if name == "direct":
                 p = procs.start(label, pinned("load", [tool, "backends", f"d=127.0.0.1:{port}"]))
                 wait_port(port, p, label)
@@ -366,15 +421,16 @@ def main():
             if name in ("tether", "tether-noaff"):
                 sticky = name == "tether"
                 p = start_tether(procs, work, bindir, label, port, backends,
-                                 ["cookie:sid"] if sticky else [], redis_sock if sticky else None)
+                                 ["cookie:sid"] if sticky else [], redis_sock if sticky else None,
+                                 tls_port)
                 return port, [p.pid], [p]
             if name == "haproxy":
                 p = procs.start(label, pinned("proxy", ["haproxy", "-db", "-f",
-                                                        str(haproxy_conf(work, label, port, backends))]))
+                                                        str(haproxy_conf(work, label, port, backends, tls_port))]))
                 wait_port(port, p, label)
                 return port, [p.pid], [p]
             if name == "nginx":
-                p = procs.start(label, pinned("proxy", ["nginx", "-c", str(nginx_conf(work, label, port, backends)),
+                p = procs.start(label, pinned("proxy", ["nginx", "-c", str(nginx_conf(work, label, port, backends, tls_port)),
                                                         "-p", str(work), "-g", "daemon off;"]))
                 wait_port(port, p, label)
                 deadline = time.time() + 5
@@ -401,15 +457,20 @@ def main():
             results.setdefault(scn, {}).setdefault(name, []).append({"round": rnd, **out})
             raw["runs"].append({"scenario": scn, "round": rnd, "target": name, **out})
 
-        def http_round(scn, rnd, script, argsf):
+        def http_round(scn, rnd, script, argsf, tls=False):
             for name in rotated(order, rnd):
                 port, pids = targets[name]
+                if tls:
+                    if name not in tls_ports:
+                        continue  # direct: the backends speak no TLS
+                    port = tls_ports[name]
+                scheme = "https" if tls else "http"
                 # Warm-up (also pins s1's sessions): not measured.
-                wrk(port, script, 2, argsf(name, rnd, "warm"))
+                wrk(port, script, 2, argsf(name, rnd, "warm"), scheme=scheme)
                 c0 = cpu_secs(pids) if pids else None
                 r0 = redis.commands_processed() if name == "tether" else None
                 t0 = machine_ticks()
-                r = wrk(port, script, a.secs, argsf(name, rnd, "run"))
+                r = wrk(port, script, a.secs, argsf(name, rnd, "run"), scheme=scheme)
                 r["steal_pct"] = host_share(t0)
                 if pids:
                     r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
@@ -428,6 +489,27 @@ def main():
             if "s2" in scenarios:
                 http_round("s2", rnd, HERE / "new_sessions.lua",
                            lambda n, r, w: [f"{n}-{r}-{w}-{os.getpid()}"])
+
+        # TLS: s6 and s7 alternate like s1 and s2; s8 after them.
+        for rnd in range(a.rounds):
+            if "s6" in scenarios:
+                http_round("s6", rnd, HERE / "sessions.lua", lambda n, r, w: ["1000"], tls=True)
+            if "s7" in scenarios:
+                http_round("s7", rnd, HERE / "sessions.lua", lambda n, r, w: ["1000", "close"],
+                           tls=True)
+        if "s8" in scenarios:
+            for rnd in range(a.rounds):
+                for name in rotated(order, rnd):
+                    if name not in tls_ports:
+                        continue
+                    port, pids = tls_ports[name], targets[name][1]
+                    c0 = cpu_secs(pids)
+                    t0 = machine_ticks()
+                    r = h2load(port, a.secs)
+                    r["steal_pct"] = host_share(t0)
+                    # The warm-up second is in the CPU window: counted against its requests too.
+                    r["cpu_us_per_req"] = (cpu_secs(pids) - c0) * 1e6 / max(1, r["requests"])
+                    record("s8", rnd, name, r)
 
         if "s3" in scenarios:
             for rnd in range(a.rounds):
@@ -479,9 +561,10 @@ def main():
         procs.stop_all()
 
 
-def start_tether(procs, work, bindir, label, port, backends, sources, redis_sock):
-    """tether (`sources`, Redis when given) on `port` in front of `backends`; returns its process."""
-    conf = tether_conf(work, label, port, free_port(), backends, sources, redis_sock)
+def start_tether(procs, work, bindir, label, port, backends, sources, redis_sock, tls_port=None):
+    """tether (`sources`, Redis when given) on `port` (and TLS on `tls_port`) in front of
+    `backends`; returns its process."""
+    conf = tether_conf(work, label, port, free_port(), backends, sources, redis_sock, tls_port)
     p = procs.start(label, pinned("proxy", [str(bindir / "tether"), "run", "-c", str(conf)]),
                     env={**os.environ, "RUST_LOG": "warn"})
     wait_port(port, p, label)
@@ -609,6 +692,14 @@ def render(results, order, mach, a):
           ("p99 ms", "p99_ms", 2), ("proxy CPU us/msg", "cpu_us_per_msg", 1),
           ("host steal %", "steal_pct", 1), ("errors", "errors", "sum")],
          "direct"),
+        ("s6", "6. keep-alive GETs over TLS 1.3, 1,000 pinned sessions", http_cols, "direct"),
+        ("s7", "7. a new TLS connection per request (full handshake, `Connection: close`)",
+         http_cols, "direct"),
+        ("s8", "8. HTTP/2 over TLS, h2load 100 clients x 10 streams (proxy CPU includes h2load's "
+         "1 s warm-up)",
+         [("req/s", "rps", 0), ("mean ms", "mean_ms", 2), ("max ms", "max_ms", 1),
+          ("proxy CPU us/req", "cpu_us_per_req", 1), ("host steal %", "steal_pct", 1),
+          ("errors", "errors", "sum")], "direct"),
         ("s4", f"4. {a.idle_conns:,} idle WebSockets",
          [("RSS before MiB", "before_mib", 1), ("RSS held MiB", "held_mib", 1),
           ("bytes per connection", "bytes_per_conn", 0), ("alive after", "alive_after", "min")],
@@ -687,9 +778,15 @@ def targets_table(results):
     check("s4 bytes per idle WebSocket", "< 20 KiB", "s4", "bytes_per_conn", None, 20 * 1024,
           lambda v: f"{v:,.0f} B", op="<")
     check("s5 p99", "< 50 ms", "s5", "p99_ms", None, 50.0, ms, op="<")
+    # Issue 20's targets.
+    check("s6 req/s", ">= 1.1x HAProxy", "s6", "rps", ("s6", "haproxy"), 1.1, rps)
+    check("s6 req/s", ">= 1.1x NGINX", "s6", "rps", ("s6", "nginx"), 1.1, rps)
+    check("s6 p99", "<= NGINX", "s6", "p99_ms", ("s6", "nginx"), 1.0, ms, op="<=")
+    check("s7 new TLS connections/s", ">= 0.9x HAProxy", "s7", "rps", ("s7", "haproxy"), 0.9, rps)
+    check("s8 HTTP/2 req/s", ">= NGINX", "s8", "rps", ("s8", "nginx"), 1.0, rps)
     if not rows:
         return []
-    return (["## Targets (issue 6), on this run's medians", "",
+    return (["## Targets (issues 6, 19, 20), on this run's medians", "",
              "| figure | wanted | tether, median | per round | host steal % in tether's runs | held |",
              "|---|---|---|---|---|---|"]
             + rows + [""])

@@ -4,7 +4,7 @@
 # on this machine, interleaved, medians of several rounds. Not a test: it prints figures and writes
 # a markdown table (default tests/bench/results.md).
 #
-#   tests/bench/run.sh [--rounds 3] [--secs 10] [--only s1,s2,s3,s4,s5] [--out FILE]
+#   tests/bench/run.sh [--rounds 3] [--secs 10] [--only s1,s2,s3,s4,s5,s6,s7,s8] [--out FILE]
 #
 # Installs haproxy, nginx, wrk (and cmake, redis-server) with apt-get when missing; builds tether,
 # rideshare and the load tool (bench/) in release. Takes about 15 minutes with the defaults.
@@ -21,11 +21,13 @@ sudo_cmd() {
 }
 
 missing=()
-for tool in haproxy nginx wrk cmake redis-server python3; do
+for tool in haproxy nginx wrk cmake redis-server python3 openssl; do
   if ! command -v "$tool" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$tool" ]; then
     missing+=("$tool")
   fi
 done
+# s8's h2load comes in Debian's nghttp2-client.
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   sudo_cmd apt-get update
