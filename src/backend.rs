@@ -138,12 +138,9 @@ pub struct Backend {
     pub id_hash: u64,
     /// Changed in place by a reload.
     weight: AtomicU32,
-    /// The peer every request to this backend starts from (timeouts filled in); swapped by a
-    /// reload that changes timeouts.
-    peer: ArcSwap<HttpPeer>,
-    /// The peer's [`Peer::reuse_hash`]: a pooled connection serves only a peer of the same hash
-    /// (address, TLS, SNI, verification), as in Pingora's own pool.
-    reuse_hash: AtomicU64,
+    /// The peer every request to this backend starts from (TLS and timeouts filled in), with
+    /// its reuse hash; swapped whole by a reload.
+    peer: ArcSwap<BackendPeer>,
     active: AtomicUsize,
     /// [`now_ms`] until which the backend is ejected; 0 = never ejected.
     ejected_until_ms: AtomicU64,
@@ -165,6 +162,24 @@ pub struct BackendStats {
     pub websockets: IntGauge,
     pub connect_failures: IntCounter,
     pub duration: prometheus::Histogram,
+}
+
+/// A backend's peer and its [`Peer::reuse_hash`]: a pooled connection serves only a peer of the
+/// same hash (address, TLS, SNI, verification), as in Pingora's own pool. A connection keeps the
+/// hash of the peer it was made with, so a reload in between cannot file it under another.
+pub struct BackendPeer {
+    pub peer: HttpPeer,
+    pub reuse_hash: u64,
+}
+
+impl BackendPeer {
+    fn new(s: &BackendSettings, upstream: &UpstreamSettings) -> BackendPeer {
+        let peer = peer_for(s, upstream);
+        BackendPeer {
+            reuse_hash: peer.reuse_hash(),
+            peer,
+        }
+    }
 }
 
 /// The peer of backend `s`: its address, TLS (SNI, CAs, verification) and the timeouts. Both
@@ -193,16 +208,13 @@ impl Backend {
     fn new(s: &BackendSettings, key: BackendKey, upstream: &UpstreamSettings) -> Backend {
         let m = Metrics::get();
         let id: Arc<str> = Arc::from(s.id.as_str());
-        let peer = peer_for(s, upstream);
-        let reuse_hash = peer.reuse_hash();
         Backend {
             id_hash: stable_hash(s.id.as_bytes()),
             key,
             address_text: s.address_text.clone(),
             addr: s.address,
             weight: AtomicU32::new(s.weight),
-            peer: ArcSwap::from_pointee(peer),
-            reuse_hash: AtomicU64::new(reuse_hash),
+            peer: ArcSwap::from_pointee(BackendPeer::new(s, upstream)),
             active: AtomicUsize::new(0),
             ejected_until_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -223,7 +235,7 @@ impl Backend {
 
     /// A fresh peer for one request.
     pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(HttpPeer::clone(&self.peer.load()))
+        Box::new(HttpPeer::clone(&self.peer.load().peer))
     }
 
     pub fn weight(&self) -> u32 {
@@ -339,14 +351,12 @@ impl Backend {
     /// Apply a reloaded configuration of the same backend (same id and address).
     fn reconfigure(&self, s: &BackendSettings, upstream: &UpstreamSettings) {
         self.weight.store(s.weight, Ordering::Relaxed);
-        let peer = peer_for(s, upstream);
-        self.reuse_hash.store(peer.reuse_hash(), Ordering::Relaxed);
-        self.peer.store(Arc::new(peer));
+        self.peer.store(Arc::new(BackendPeer::new(s, upstream)));
     }
 
-    /// The [`Peer::reuse_hash`] of [`Backend::peer`].
-    pub fn reuse_hash(&self) -> u64 {
-        self.reuse_hash.load(Ordering::Relaxed)
+    /// The peer as it is now, and its reuse hash (one load: the two always agree).
+    pub fn current_peer(&self) -> Arc<BackendPeer> {
+        self.peer.load_full()
     }
 }
 

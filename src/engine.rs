@@ -255,7 +255,9 @@ impl Front {
         if c.redirect && http::redirects(checked.target) {
             let stopping = *c.shutdown.borrow();
             return match redirect_answer(&req, &checked, server, stopping) {
-                Ok((answer, close)) => self.redirect(c, &answer, close, head_len).await,
+                Ok((answer, close)) => {
+                    redirect(c, &answer, close, head_len, server.client_send_timeout).await
+                }
                 Err(refusal) => self.refuse(c, refusal).await,
             };
         }
@@ -299,22 +301,6 @@ impl Front {
         }
     }
 
-    /// Send a redirect listener's answer ([`redirect_answer`]); `close`: the connection
-    /// closes after it.
-    async fn redirect(&self, c: &mut Client, answer: &[u8], close: bool, head_len: usize) -> Next {
-        crate::route::count_unrouted(308);
-        let send = self.state.live().config.server.client_send_timeout;
-        if lean::write_flush(&mut c.stream, answer, send)
-            .await
-            .is_err()
-            || close
-        {
-            return Next::Close;
-        }
-        c.buf.drain(..head_len);
-        Next::KeepAlive
-    }
-
     /// Answer a refused request head and close the connection.
     async fn refuse(&self, c: &mut Client, refusal: Refusal) -> Next {
         debug!(
@@ -328,6 +314,27 @@ impl Front {
         lean::write_error_answer(&mut c.stream, refusal.status, head, send).await;
         Next::Close
     }
+}
+
+/// Send a redirect listener's answer ([`redirect_answer`]); `close`: the connection closes
+/// after it.
+async fn redirect(
+    c: &mut Client,
+    answer: &[u8],
+    close: bool,
+    head_len: usize,
+    send_timeout: std::time::Duration,
+) -> Next {
+    crate::route::count_unrouted(308);
+    if lean::write_flush(&mut c.stream, answer, send_timeout)
+        .await
+        .is_err()
+        || close
+    {
+        return Next::Close;
+    }
+    c.buf.drain(..head_len);
+    Next::KeepAlive
 }
 
 /// A redirect listener's answer to a request: tether's redirect to HTTPS

@@ -209,7 +209,7 @@ async fn check_loop(state: Arc<State>, backend: Arc<Backend>, first: Duration) {
             return;
         };
         let host = settings.host.as_deref().unwrap_or(&backend.address_text);
-        let result = check(&backend.peer(), host, &settings).await;
+        let result = check(&backend.current_peer().peer, host, &settings).await;
         match &result {
             Ok(()) => ok.inc(),
             Err(_) => failed.inc(),

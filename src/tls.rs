@@ -402,7 +402,8 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandshakeFailures 
         use tracing_log::NormalizeEvent;
         let normalized = event.normalized_metadata();
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-        if *meta.level() != tracing::Level::ERROR || !meta.target().starts_with("pingora_core") {
+        // The per-layer filter lets only ERROR through; `of_log_line` checks the target.
+        if !meta.target().starts_with("pingora_core") {
             return;
         }
         struct Message(String);

@@ -168,8 +168,7 @@ async fn malformed_oversized_and_forged_keys_are_routed_sanely() {
             first
         );
     }
-    let log = lb.log();
-    assert!(!log.contains("panicked"), "tether panicked:\n{log}");
+    lb.assert_no_panic();
     let m = lb.metrics().await;
     assert!(
         metric_value(&m, "tether_invalid_keys_total{reason=\"too_long\"}").unwrap_or(0.0) >= 1.0
@@ -306,29 +305,6 @@ fn get(target: &[u8], headers: &[u8]) -> Vec<u8> {
     req
 }
 
-/// tether's resident memory in bytes (`VmRSS` of /proc/PID/status).
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
-}
-
-/// Panics if tether's log shows a panic.
-fn assert_no_panic(lb: &Balancer) {
-    let log = lb.log();
-    assert!(
-        !log.contains("panicked"),
-        "tether panicked:\n{}",
-        tail(&log, 80)
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // Slow clients
 // ---------------------------------------------------------------------------------------------
@@ -454,7 +430,7 @@ async fn slow_loris_connections_do_not_starve_other_clients() {
     // open while the others were served.
     assert_eq!(closed, 0, "dribbling connections closed early");
     drop((silent, half, still_dribbling));
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }
 
 /// Reads from `s` until tether closes it (EOF or reset); returns how long that took, or `None`
@@ -513,7 +489,7 @@ fn silent_and_half_sent_connections_are_closed_at_the_header_timeout() {
         half_closed.is_some(),
         "half-sent head open after {SHORT_LIMIT:?}"
     );
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }
 
 /// An idle keep-alive connection is closed after `keepalive_timeout_secs`, and a request head
@@ -560,7 +536,7 @@ fn idle_keep_alive_and_dribbled_heads_are_closed_within_a_bounded_time() {
     stop.store(true, Ordering::Relaxed);
     let idle_closed = idle_t.join().expect("thread");
     feeder.join().expect("feeder");
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
     assert!(
         idle_closed.is_some() && dribble_closed.is_some(),
         "still open after {SHORT_LIMIT:?}: idle keep-alive connection: {}, dribbled head: {}",
@@ -654,7 +630,7 @@ async fn oversized_request_lines_and_heads_get_414_431_or_400() {
     // Still serving.
     let (r, _) = send(get(b"/", b""));
     assert_eq!(r.status, Some(200));
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }
 
 /// `POST /` with these header lines and body bytes (no `Connection: close`: tether decides).
@@ -794,7 +770,7 @@ async fn absurd_content_lengths_get_400_or_reach_the_backend_sane() {
 
     let (r, _, _) = send(get(b"/", b""));
     assert_eq!(r.status, Some(200));
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -969,7 +945,7 @@ async fn hostile_keys_stick_and_never_match_each_other() {
         pins, expected_pins,
         "Redis pins are not one per distinct key"
     );
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1096,5 +1072,5 @@ async fn junk_heads_leave_memory_bounded() {
         let again = get_backend(&http, &lb.url("/"), &[(SESSION_HEADER, "after")]).await;
         assert_eq!(again.1, first);
     }
-    assert_no_panic(&lb);
+    lb.assert_no_panic();
 }

@@ -163,18 +163,6 @@ async fn good_request(client: &reqwest::Client, port: u16, ids: &[String], who: 
     );
 }
 
-/// `VmRSS` of `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
-}
-
 /// User plus system CPU seconds of `pid` so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -237,7 +225,7 @@ async fn under_attack(
         good_request(&pooled, t.port, &t.ids, "warm-up").await;
         good_request(&https_client(t), t.port, &t.ids, "warm-up").await;
     }
-    let rss_before = rss(pid);
+    let rss_before = rss_bytes(pid);
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let child = Command::new("python3")
@@ -288,7 +276,7 @@ async fn under_attack(
         )
         .await;
         good_requests += 2;
-        rss_peak = rss_peak.max(rss(pid));
+        rss_peak = rss_peak.max(rss_bytes(pid));
     }
     let wall = started.elapsed();
     let status = attacker
@@ -308,18 +296,13 @@ async fn under_attack(
     });
     // And after it: tether alive, still serving, no panic in its log.
     good_request(&pooled, t.port, &t.ids, &format!("{name}: after")).await;
-    rss_peak = rss_peak.max(rss(pid));
+    rss_peak = rss_peak.max(rss_bytes(pid));
     assert!(
         t.balancer.is_running(),
         "{name}: tether exited\n{}",
         tail(&t.balancer.log(), 30)
     );
-    let log = t.balancer.log();
-    assert!(
-        !log.contains("panicked"),
-        "{name}: tether panicked:\n{}",
-        tail(&log, 40)
-    );
+    t.balancer.assert_no_panic();
     let outcome = Outcome {
         report,
         rss_before,

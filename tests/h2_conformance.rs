@@ -266,12 +266,7 @@ async fn h2_conformance_suite() {
         tail(&stderr, 20)
     );
     assert!(balancer.is_running(), "tether exited during the suite");
-    let log = balancer.log();
-    assert!(
-        !log.contains("panicked"),
-        "tether panicked during the suite:\n{}",
-        tail(&log, 40)
-    );
+    balancer.assert_no_panic();
     println!(
         "h2 conformance: {} passed, {} failed (all known deviations)",
         report["passed"], report["failed"]

@@ -351,15 +351,16 @@ impl Exchange<'_> {
             };
             self.attempts += 1;
             let guard = b.track();
+            let peer = b.current_peer();
             let pooled = if fresh || self.upgrade {
                 None
             } else {
-                pool::take(&b)
+                pool::take(&b, peer.reuse_hash)
             };
             let reused = pooled.is_some();
             let conn = match pooled {
                 Some(s) => Ok(s),
-                None => upstream::connect(&b.peer()).await,
+                None => upstream::connect(&peer.peer).await,
             };
             let failure = match conn {
                 Ok(mut up) => match self.forward(&b, &mut up, request, client).await {
@@ -371,6 +372,7 @@ impl Exchange<'_> {
                         if upstream_reusable {
                             pool::put(
                                 &b,
+                                peer.reuse_hash,
                                 up,
                                 self.state.upstream_keepalive_pool,
                                 upstream.idle_timeout,
@@ -887,7 +889,7 @@ mod pool {
 
     struct Idle {
         backend: BackendKey,
-        /// [`Backend::reuse_hash`] when it was made.
+        /// The [`crate::backend::BackendPeer::reuse_hash`] of the peer it was made with.
         reuse_hash: u64,
         expires: Instant,
         stream: Upstream,
@@ -898,10 +900,9 @@ mod pool {
         static SWEEPING: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// An idle connection to `b` that is still open, if there is one.
-    pub(super) fn take(b: &Backend) -> Option<Upstream> {
+    /// An idle connection to `b`'s peer of `reuse_hash` that is still open, if there is one.
+    pub(super) fn take(b: &Backend, reuse_hash: u64) -> Option<Upstream> {
         let now = Instant::now();
-        let reuse_hash = b.reuse_hash();
         IDLE.with_borrow_mut(|idle| {
             while let Some(i) = idle
                 .iter()
@@ -916,8 +917,15 @@ mod pool {
         })
     }
 
-    /// Keep `stream` for the next request to `b`, unless `cap` connections to it are idle.
-    pub(super) fn put(b: &Backend, stream: Upstream, cap: usize, idle_timeout: Duration) {
+    /// Keep `stream` (made for `b`'s peer of `reuse_hash`) for the next request to `b`, unless
+    /// `cap` connections to it are idle.
+    pub(super) fn put(
+        b: &Backend,
+        reuse_hash: u64,
+        stream: Upstream,
+        cap: usize,
+        idle_timeout: Duration,
+    ) {
         let expires = Instant::now() + idle_timeout;
         let kept = IDLE.with_borrow_mut(|idle| {
             let count = idle.iter().filter(|c| c.backend == b.key).count();
@@ -926,7 +934,7 @@ mod pool {
             }
             idle.push(Idle {
                 backend: b.key,
-                reuse_hash: b.reuse_hash(),
+                reuse_hash,
                 expires,
                 stream,
             });

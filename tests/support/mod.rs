@@ -217,6 +217,19 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A process's resident memory in bytes (`VmRSS` of /proc/PID/status).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
 /// The file's contents, or a note saying why it could not be read (for panic messages).
 fn read_lossy(path: &Path) -> String {
     let mut bytes = Vec::new();
@@ -1315,6 +1328,16 @@ impl Balancer {
     /// The whole log (stdout and stderr of every run in this temp dir).
     pub fn log(&self) -> String {
         read_lossy(&self.log)
+    }
+
+    /// Panics if tether's log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked"),
+            "tether panicked:\n{}",
+            tail(&log, 80)
+        );
     }
 
     /// The process id. Panics if tether is not running.
