@@ -18,6 +18,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use pingora::prelude::{ErrorSource, ErrorType};
@@ -871,15 +872,21 @@ pub(super) async fn write_flush(
     bytes: &[u8],
     send_timeout: Duration,
 ) -> io::Result<()> {
-    let write = async {
+    let mut write = std::pin::pin!(async {
         if !bytes.is_empty() {
             client.write_all(bytes).await?;
         }
         client.flush().await
-    };
-    tokio::time::timeout(send_timeout, write)
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    });
+    // Almost every write is taken by the socket at once: the timer (a clock read and a runtime
+    // handle) only for one that has to wait.
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(done) => done,
+        Poll::Pending => tokio::time::timeout(send_timeout, write)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+    }
 }
 
 /// Idle backend connections, per worker thread (each runs its own current-thread runtime, so a
